@@ -249,7 +249,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if services is not None:
-            app.state.services = services
             yield
             return
         configure_from(settings)
@@ -278,6 +277,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         lifespan=lifespan,
     )
     app.state.worker = None
+    if services is not None:
+        app.state.services = services
     _install_error_handlers(app)
     wildcard = "*" in settings.cors_origins
     app.add_middleware(

@@ -251,7 +251,7 @@ class EditRequest:
 
     @property
     def base_credits(self) -> int:
-        return FAST_EDIT_CREDITS if self.version in FAST_VERSIONS else EDIT_CREDITS
+        return FAST_EDIT_CREDITS if VERSIONS[self.version] in FAST_VERSIONS else EDIT_CREDITS
 
 
 @dataclass
