@@ -6,7 +6,7 @@ the worker decides from them whether a job is retried or fails.
 
     ServiceError
     ├── ConfigError            settings that cannot work; raised at startup, names the variable
-    ├── InputError             bad input from a client (4xx); ``status_code`` says which
+    ├── InputError             bad input from a client (422 unless a subclass says otherwise)
     │   ├── UploadTooLarge         413
     │   ├── UnsupportedImage       415
     │   └── UnreadableImage        422
@@ -41,7 +41,7 @@ class ConfigError(ServiceError):
 class InputError(ServiceError):
     """A client sent something we refuse. The message is shown to the client as ``detail``."""
 
-    status_code = 400
+    status_code = 422
 
 
 class UploadTooLarge(InputError):

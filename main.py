@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import structlog
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -142,26 +142,32 @@ class UploadLimitMiddleware:
             await self._refuse(send)
             return
         received = 0
-        response_started = False
+        exceeded = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
+                    exceeded = True
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
+        async def guarded_send(message: Message) -> None:
+            # The multipart parser turns our exception into its own 400; answer 413 in its place.
+            nonlocal refused
+            if not exceeded:
+                await send(message)
+            elif not refused and message["type"] == "http.response.start":
+                refused = True
+                await self._refuse(send)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except BodyTooLarge:
-            if not response_started:
+            if not refused:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
@@ -384,14 +390,12 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/storage/{bucket}/{path:path}", include_in_schema=False)
     async def local_file(bucket: str, path: str, services: ServicesDep) -> FileResponse:
         store = services.images
-        if not isinstance(store, LocalImageStore):
-            raise ProductNotFound(f"{bucket}/{path}")
         try:
-            target = store.file_path(bucket, path)
-        except ValueError as exc:
-            raise ProductNotFound(f"{bucket}/{path}") from exc
-        if not target.is_file():
-            raise ProductNotFound(f"{bucket}/{path}")
+            target = store.file_path(bucket, path) if isinstance(store, LocalImageStore) else None
+        except ValueError:
+            target = None
+        if target is None or not target.is_file():
+            raise HTTPException(404, "file not found")
         return FileResponse(target, media_type=store.content_type(target), headers={"cache-control": "no-cache"})
 
     @app.post("/callbacks/nanobanana", include_in_schema=False)

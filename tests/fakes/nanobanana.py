@@ -82,7 +82,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, get_args
 from urllib.parse import urlsplit
 
@@ -97,8 +97,8 @@ from starlette.routing import Route
 
 from .server import (
     Delay,
-    DroppedConnection,
     Drop,
+    DroppedConnection,
     Stall,
     apply_connection_fault,
     connection_fault_from_json,
@@ -556,7 +556,11 @@ class FakeNanobanana:
                 return
         try:
             result = await asyncio.to_thread(
-                render_result, sources[0] if sources else None, task.prompt, task.params.get("image_size"), task.result_format
+                render_result,
+                sources[0] if sources else None,
+                task.prompt,
+                task.params.get("image_size"),
+                task.result_format,
             )
         except OSError as exc:
             self._finish(task, 3, 400, f"The input image could not be read: {exc}")
@@ -678,7 +682,9 @@ class FakeNanobanana:
                 code, fault.msg or MESSAGES.get(code, "error"), None, fault.status, _retry_after(fault.retry_after)
             )
         if isinstance(fault, BodyCode):
-            return _envelope(fault.code, fault.msg or MESSAGES.get(fault.code, "error"), None, 200, _retry_after(fault.retry_after))
+            return _envelope(
+                fault.code, fault.msg or MESSAGES.get(fault.code, "error"), None, 200, _retry_after(fault.retry_after)
+            )
         return None
 
     def _check_auth(self, request: Request) -> None:
@@ -870,7 +876,7 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _wall_time() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:

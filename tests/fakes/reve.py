@@ -342,9 +342,7 @@ class FakeReve:
         parsed = _parse_json(body)
         with self._lock:
             self._state.calls += 1
-            self._state.requests.append(
-                ReveRequest(path=request.url.path, headers=dict(request.headers), json=parsed)
-            )
+            self._state.requests.append(ReveRequest(path=request.url.path, headers=dict(request.headers), json=parsed))
             fault = self._state.faults.popleft() if self._state.faults else None
         request_id = f"rsid-{uuid.uuid4()}"
         if self.latency_s > 0:
@@ -619,7 +617,9 @@ def decode_reference_image(encoded: str) -> Image.Image:
             if image_format not in INPUT_FORMATS:
                 raise ReveApiError(422, "UNSUPPORTED_IMAGE_FORMAT", f"Unsupported image format {image_format}.")
             if width * height > MAX_INPUT_PIXELS or max(width, height) > MAX_SIDE_PX:
-                raise ReveApiError(400, "IMAGE_TOO_LARGE", f"The image is {width}x{height}.", width=width, height=height)
+                raise ReveApiError(
+                    400, "IMAGE_TOO_LARGE", f"The image is {width}x{height}.", width=width, height=height
+                )
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ReveApiError(400, "IMAGE_TOO_LARGE", "The image has too many pixels.") from exc
@@ -724,7 +724,12 @@ def _image_headers(meta: dict[str, Any], *, violation: bool) -> dict[str, str]:
 
 
 def _violation_response(media_type: MediaType, edit: EditRequest, request_id: str, remaining: int) -> Response:
-    meta = {"version": VERSIONS[edit.version], "request_id": request_id, "credits_used": 0, "credits_remaining": remaining}
+    meta = {
+        "version": VERSIONS[edit.version],
+        "request_id": request_id,
+        "credits_used": 0,
+        "credits_remaining": remaining,
+    }
     if media_type == "application/json":
         return JSONResponse(
             {"image": "", "version": meta["version"], "content_violation": True, **_ids(meta)},
