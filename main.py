@@ -396,7 +396,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             target = None
         if target is None or not target.is_file():
             raise HTTPException(404, "file not found")
-        return FileResponse(target, media_type=store.content_type(target), headers={"cache-control": "no-cache"})
+        return FileResponse(target, media_type=LocalImageStore.content_type(target), headers={"cache-control": "no-cache"})
 
     @app.post("/callbacks/nanobanana", include_in_schema=False)
     async def nanobanana_callback(request: Request, services: ServicesDep) -> dict[str, str]:
