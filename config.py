@@ -146,6 +146,15 @@ class Settings(BaseSettings):
     # HTTP.
     cors_origins: Annotated[list[str], NoDecode] = ["*"]
 
+    @field_validator(
+        "supabase_url", "supabase_service_role_key", "reve_api_key", "nanobana_api_key", "nanobana_callback_url",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `.env.example` copied as is leaves these as empty strings: that means "not configured".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

@@ -284,9 +284,9 @@ def _bmp() -> bytes:
     return buffer.getvalue()
 
 
-def _too_wide_png() -> bytes:
+def _blank_png(size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
-    Image.new("L", (8193, 1)).save(buffer, "PNG")
+    Image.new("1", size).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -313,7 +313,8 @@ def _too_wide_png() -> bytes:
         ({"reference_image": b64(b"hello, not an image")}, 422, "INVALID_IMAGE"),
         ({"reference_image": b64(photo("PNG")[:300])}, 422, "INVALID_IMAGE"),
         ({"reference_image": b64(_bmp())}, 422, "UNSUPPORTED_IMAGE_FORMAT"),
-        ({"reference_image": b64(_too_wide_png())}, 400, "IMAGE_TOO_LARGE"),
+        ({"reference_image": b64(_blank_png((8193, 1)))}, 400, "IMAGE_TOO_LARGE"),
+        ({"reference_image": b64(_blank_png((6000, 6000)))}, 400, "IMAGE_TOO_LARGE"),
     ],
 )
 async def test_reve_rejects_what_the_real_api_rejects(overrides: dict[str, Any], status: int, error_code: str) -> None:
@@ -738,6 +739,31 @@ async def test_nb_input_that_cannot_be_fetched_fails_the_task(
     assert all(r["response"] is None for r in results)
     assert "HTTP 404" in results[0]["errorMessage"]
     assert fake.tasks[unreachable_task].fetched == [(INPUT_URL, "error: ConnectError")]
+
+
+async def test_nb_generates_once_while_concurrent_polls_still_see_it_generating(
+    make_nb: Callable[..., FakeNanobanana], clock: ManualClock
+) -> None:
+    fetches = 0
+
+    async def slow_input(request: httpx.Request) -> httpx.Response:
+        nonlocal fetches
+        fetches += 1
+        await asyncio.sleep(0.2)
+        return httpx.Response(200, content=photo("PNG"))
+
+    fake = make_nb(fetch_transport=httpx.MockTransport(slow_input))
+    async with asyncio.timeout(TIMEOUT_S), asgi_client(fake.app, NB_URL) as client:
+        task_id = await submit(client)
+        clock.advance(10.0)
+        generating = asyncio.ensure_future(poll(client, task_id))
+        await asyncio.sleep(0.05)
+        meanwhile = await poll(client, task_id)
+        first = await generating
+        after = await poll(client, task_id)
+
+    assert (meanwhile["successFlag"], first["successFlag"], after["successFlag"]) == (0, 1, 1)
+    assert fetches == 1
 
 
 async def test_nb_can_refuse_private_input_urls(make_nb: Callable[..., FakeNanobanana], clock: ManualClock) -> None:

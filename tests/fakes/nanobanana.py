@@ -249,7 +249,7 @@ class FakeTask:
     polls: int = 0
     downloads: int = 0
     fetched: list[tuple[str, str]] = field(default_factory=list)
-    lock: asyncio.Lock | None = field(default=None, repr=False)
+    generating: bool = field(default=False, repr=False)
 
     @property
     def outcome(self) -> Outcome:
@@ -536,11 +536,13 @@ class FakeNanobanana:
             return
         if self.clock() - task.created_at < task.generation_s:
             return
-        if task.lock is None:
-            task.lock = asyncio.Lock()
-        async with task.lock:
-            if task.success_flag == 0:
-                await self._generate(task)
+        if task.generating:
+            return  # another poll is generating it; this one still sees successFlag 0
+        task.generating = True
+        try:
+            await self._generate(task)
+        finally:
+            task.generating = False
 
     async def _generate(self, task: FakeTask) -> None:
         rule = task.rule
@@ -562,7 +564,7 @@ class FakeNanobanana:
                 task.params.get("image_size"),
                 task.result_format,
             )
-        except OSError as exc:
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             self._finish(task, 3, 400, f"The input image could not be read: {exc}")
             return
         if task.outcome == "success":
