@@ -303,8 +303,8 @@ async def _marketplace(run: _Run, cutout_png: bytes) -> str | None:
         url = await services.images.upload(
             layout.processed_bucket, layout.marketplace_path(run.id), jpeg, content_type="image/jpeg"
         )
-    except (ServiceError, ValueError, OSError) as exc:
-        log.warning("marketplace_failed", error=str(exc))
+    except Exception as exc:  # a bonus image: whatever went wrong, the job goes on
+        log.exception("marketplace_failed", error=str(exc))
         return None
     return versioned(url, jpeg)
 
