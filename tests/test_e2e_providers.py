@@ -203,3 +203,40 @@ async def test_a_variant_whose_result_expired_fails_alone(stack: Stack) -> None:
     marble = row["variants"][2]
     assert marble["status"] == VariantStatus.FAILED and "404" in marble["error"]
     assert JobStatus(row["status"]) == JobStatus.DONE
+
+
+async def test_logs_are_json_with_request_and_product_ids_and_never_secrets(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import logging
+
+    import structlog
+
+    from logging_config import configure_logging
+
+    secrets = ["papi.test-key", "nb-test-key"]
+    configure_logging(level="DEBUG", json_logs=True, secrets=secrets)
+    try:
+        stack.reve.enqueue(rv.HttpError(503, message="upstream said Bearer papi.test-key is throttled"))
+        stack.nano.enqueue("submit", nb.BodyCode(401, msg="key nb-test-key rejected"))
+        stack.nano.enqueue("poll", nb.HttpError(500))
+        product_id = await stack.upload()
+        await stack.run_jobs()
+        await stack.api.get(f"/product/{product_id}")
+        structlog.get_logger("test").error("diagnostic", api_key="papi.test-key",
+                                           headers={"Authorization": "Bearer nb-test-key"})
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    output = capsys.readouterr().out
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert len(events) > 10
+    for secret in secrets:
+        assert secret not in output
+    requests = [e for e in events if e["event"] == "request"]
+    assert requests and all(len(e["request_id"]) >= 16 for e in requests)
+    job_events = [e for e in events if e["event"] in ("job_claimed", "cutout_done", "variant_done", "job_finished")]
+    assert {e["event"] for e in job_events} >= {"job_claimed", "cutout_done", "job_finished"}
+    assert all(e["product_id"] == product_id for e in job_events)
+    assert all(e["level"] and e["timestamp"] for e in events)
