@@ -81,6 +81,12 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
+def _scrub(text: str, key: SecretStr) -> str:
+    # Provider messages end up in rows and logs; one that quotes our key must not spread it.
+    secret = key.get_secret_value()
+    return text.replace(secret, "[redacted]") if secret else text
+
+
 def _json_or_none(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -170,6 +176,7 @@ class ReveClient:
         code = body.get("error_code") if isinstance(body, dict) else None
         message = body.get("message") if isinstance(body, dict) else None
         text = f"HTTP {response.status_code}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+        text = _scrub(text, self._api_key)
         if response.status_code == 429 or response.status_code >= 500:
             return ProviderUnavailable(
                 self.name, text, status_code=response.status_code, retry_after_s=_retry_after_s(response)
@@ -250,7 +257,7 @@ class NanobanaClient:
         if response.status_code == 200 and code == 200:
             return body.get("data") if isinstance(body, dict) else None
         status = code if response.status_code == 200 else response.status_code
-        text = f"HTTP {response.status_code}, code {code}" + (f": {message}" if message else "")
+        text = _scrub(f"HTTP {response.status_code}, code {code}" + (f": {message}" if message else ""), self._api_key)
         if not isinstance(status, int):
             raise ProviderRejected(self.name, f"HTTP {response.status_code} without an envelope")
         if status in _NANOBANA_TRANSIENT_CODES or status >= 500:

@@ -240,3 +240,13 @@ async def test_logs_are_json_with_request_and_product_ids_and_never_secrets(
     assert {e["event"] for e in job_events} >= {"job_claimed", "cutout_done", "job_finished"}
     assert all(e["product_id"] == product_id for e in job_events)
     assert all(e["level"] and e["timestamp"] for e in events)
+
+
+async def test_a_provider_message_quoting_our_key_never_reaches_the_row(stack: Stack) -> None:
+    stack.nano.outcome_for(outcome="fail", prompt_contains="Carrara")
+    stack.nano.enqueue("submit", nb.BodyCode(401, msg="key nb-test-key rejected"))
+    product_id = await stack.upload()
+    await stack.run_jobs()
+    response = await stack.api.get(f"/product/{product_id}")
+    assert "nb-test-key" not in response.text
+    assert "[redacted]" in response.text
