@@ -143,8 +143,12 @@ class Settings(BaseSettings):
     worker_poll_interval_seconds: float = Field(2, gt=0)
     shutdown_grace_seconds: float = Field(20, ge=0)
 
-    # HTTP.
+    # HTTP and access.
     cors_origins: Annotated[list[str], NoDecode] = ["*"]
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    allow_anonymous: bool = False
+    rate_limit_per_minute: float = Field(30, ge=0)
+    rate_limit_burst: int = Field(10, ge=1)
 
     @field_validator(
         "supabase_url", "supabase_service_role_key", "reve_api_key", "nanobana_api_key", "nanobana_callback_url",
@@ -155,12 +159,19 @@ class Settings(BaseSettings):
         # `.env.example` copied as is leaves these as empty strings: that means "not configured".
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_long(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < 16 for key in keys):
+            raise ValueError("every API key must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return keys
 
     @field_validator("public_base_url", "reve_base_url", "nanobana_base_url", "supabase_url")
     @classmethod
@@ -198,8 +209,16 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""
-        secrets = (self.supabase_service_role_key, self.reve_api_key, self.nanobana_api_key)
+        secrets = (self.supabase_service_role_key, self.reve_api_key, self.nanobana_api_key, *self.api_keys)
         return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+
+    def check_access(self) -> None:
+        """Refuse to serve production uploads to anyone on the internet unless that is said explicitly."""
+        if self.is_production and not self.api_keys and not self.allow_anonymous:
+            raise ConfigError(
+                "ENVIRONMENT=production with no API_KEYS: anyone could spend your provider credits. "
+                "Set API_KEYS=<key>[,<key>…], or ALLOW_ANONYMOUS=true if a gateway in front already checks callers"
+            )
 
     def resolve_backends(self) -> Backends:
         """Pick each backend, refusing half-configured ones with a message naming the missing variable."""

@@ -6,6 +6,10 @@ Run it with ``uvicorn main:create_app --factory`` (``make run``). Tests call ``c
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,9 +18,10 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import structlog
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -67,10 +72,12 @@ class ErrorOut(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "API_KEYS is set and no valid key was sent"},
     404: {"model": ErrorOut, "description": "No product with this id"},
     409: {"model": ErrorOut, "description": "The product is being processed"},
     413: {"model": ErrorOut, "description": "The file is larger than MAX_UPLOAD_BYTES"},
-    415: {"model": ErrorOut, "description": "Not a JPEG, PNG or WebP image"},
+    415: {"model": ErrorOut, "description": "Not a JPEG, PNG, WebP or HEIC image"},
+    429: {"model": ErrorOut, "description": "Too many uploads; see Retry-After"},
     503: {"model": ErrorOut, "description": "Storage or database unavailable; try again"},
 }
 
@@ -85,6 +92,12 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+# Documentation only (the padlock and "Authorize" in /docs): `AccessMiddleware` enforces keys before the body is read.
+_API_KEY_DOCS = [
+    Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="One of API_KEYS, when set")),
+    Security(HTTPBearer(auto_error=False, description="Or the same key as a bearer token")),
+]
 
 
 async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
@@ -183,6 +196,91 @@ async def _empty_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+class RateLimiter:
+    """A token bucket per caller: ``burst`` requests at once, refilled at ``per_minute``. Per process."""
+
+    def __init__(self, *, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate_s = per_minute / 60.0
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, caller: str) -> float:
+        """Spend one token; return 0 when allowed, else the seconds until a token is available."""
+        now = self._clock()
+        tokens, last = self._buckets.get(caller, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate_s)
+        if tokens >= 1:
+            self._buckets[caller] = (tokens - 1, now)
+            self._forget_idle(now)
+            return 0.0
+        self._buckets[caller] = (tokens, now)
+        return (1 - tokens) / self._rate_s if self._rate_s > 0 else 3600.0
+
+    def _forget_idle(self, now: float) -> None:
+        if len(self._buckets) > 10_000:
+            full_after_s = self._burst / self._rate_s if self._rate_s > 0 else 3600.0
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after_s}
+
+
+_PROTECTED = re.compile(r"^/(process(/[^/]+)?|products)/?$")
+
+
+class AccessMiddleware:
+    """API keys and rate limits for the routes that spend credits or list the catalogue.
+
+    Checked before the body is read, so an unauthorised or throttled caller cannot make us parse a 10 MB upload.
+    `GET /product/{id}` and `/health` stay open: product ids are unguessable UUIDs, and frontends poll them.
+    """
+
+    def __init__(self, app: ASGIApp, *, api_keys: list[str], limiter: RateLimiter | None) -> None:
+        self.app = app
+        self._keys = [key.encode() for key in api_keys]
+        self._limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope.get("path", ""), scope.get("method", "")
+        if scope["type"] != "http" or method not in ("GET", "POST") or not _PROTECTED.match(path):
+            await self.app(scope, receive, send)
+            return
+        if method == "GET" and not path.startswith("/products"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        presented = headers.get(b"x-api-key") or _bearer(headers.get(b"authorization", b""))
+        if self._keys:
+            # Compare against every key, in constant time each, so timing tells nothing about which one is close.
+            matched = False
+            for key in self._keys:
+                matched |= presented is not None and hmac.compare_digest(key, presented)
+            if not matched:
+                await _reply(send, 401, "a valid API key is required: send it as X-API-Key or "
+                             "Authorization: Bearer <key>", {"www-authenticate": "Bearer"})
+                return
+            caller = "key:" + hashlib.sha256(presented or b"").hexdigest()[:16]
+        else:
+            client = scope.get("client")
+            caller = "ip:" + (client[0] if client else "unknown")
+        if method == "POST" and self._limiter is not None:
+            wait_s = self._limiter.take(caller)
+            if wait_s > 0:
+                retry_after = str(max(1, math.ceil(wait_s)))
+                await _reply(send, 429, f"too many uploads; try again in {retry_after} s",
+                             {"retry-after": retry_after})
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer(value: bytes) -> bytes | None:
+    scheme, _, token = value.partition(b" ")
+    return token.strip() or None if scheme.lower() == b"bearer" else None
+
+
+async def _reply(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    await response({"type": "http"}, _empty_receive, send)
+
+
 class RequestContextMiddleware:
     """Give every request an id (``X-Request-ID``, taken from the client when sane), bind it to the logs, and log
     one line per request."""
@@ -260,6 +358,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         configure_from(settings)
         try:
             backends = settings.resolve_backends()
+            settings.check_access()
         except ConfigError as exc:
             log.error("config_error", error=str(exc))
             raise
@@ -287,6 +386,16 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         app.state.services = services
     _install_error_handlers(app)
     wildcard = "*" in settings.cors_origins
+    # Outermost first: request ids and logs → CORS (so browsers can read 401/429) → access → body cap → routes.
+    app.add_middleware(UploadLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    limiter = (
+        RateLimiter(per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
+        if settings.rate_limit_per_minute > 0
+        else None
+    )
+    app.add_middleware(
+        AccessMiddleware, api_keys=[k.get_secret_value() for k in settings.api_keys], limiter=limiter
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -294,9 +403,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         allow_credentials=not wildcard,
         allow_methods=["GET", "POST"],
         allow_headers=["*"],
-        expose_headers=["Location", "X-Request-ID"],
+        expose_headers=["Location", "X-Request-ID", "Retry-After"],
     )
-    app.add_middleware(UploadLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(RequestContextMiddleware)
     _add_routes(app, settings)
     return app
@@ -319,8 +427,9 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         "/process",
         status_code=202,
         response_model=ProcessAccepted,
-        responses={k: v for k, v in ERRORS.items() if k in (413, 415, 503)},
+        responses={k: v for k, v in ERRORS.items() if k in (401, 413, 415, 429, 503)},
         summary="Upload a photo and start processing",
+        dependencies=_API_KEY_DOCS,
     )
     async def process(
         services: ServicesDep,
@@ -350,8 +459,9 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         "/process/{product_id}",
         status_code=202,
         response_model=ProcessAccepted,
-        responses={k: v for k, v in ERRORS.items() if k in (404, 409, 413, 415, 503)},
+        responses={k: v for k, v in ERRORS.items() if k in (401, 404, 409, 413, 415, 429, 503)},
         summary="Process a product again, optionally with a new photo",
+        dependencies=_API_KEY_DOCS,
     )
     async def reprocess(
         product_id: UUID,
@@ -362,7 +472,13 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         product = await resubmit_product(services, product_id, upload=upload)
         return _accepted(product, "Processing restarted")
 
-    @app.get("/products", response_model=ProductPage, summary="Products, newest first (for operators)")
+    @app.get(
+        "/products",
+        response_model=ProductPage,
+        responses={401: ERRORS[401]},
+        summary="Products, newest first (for operators)",
+        dependencies=_API_KEY_DOCS,
+    )
     async def list_products(
         services: ServicesDep,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -396,7 +512,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             target = None
         if target is None or not target.is_file():
             raise HTTPException(404, "file not found")
-        return FileResponse(target, media_type=LocalImageStore.content_type(target), headers={"cache-control": "no-cache"})
+        media_type = LocalImageStore.content_type(target)
+        return FileResponse(target, media_type=media_type, headers={"cache-control": "no-cache"})
 
     @app.post("/callbacks/nanobanana", include_in_schema=False)
     async def nanobanana_callback(request: Request, services: ServicesDep) -> dict[str, str]:
