@@ -6,18 +6,23 @@ loop stays free. The upload format is decided by decoding the bytes, never by th
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from errors import ProviderRejected, UnreadableImage, UnsupportedImage
 
-UPLOAD_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
+UPLOAD_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "HEIF": "HEIC/HEIF"}
+RESULT_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
 RAW_MAX_SIDE_PX = 4096
+MIN_SIDE_PX = 32
+MAX_ASPECT_RATIO = 10.0
 RAW_JPEG_QUALITY = 92
 
 # Pillow's own bomb guard is a global that warns; we check dimensions ourselves before decoding.
@@ -32,7 +37,14 @@ class NormalisedUpload:
     source_format: str
 
 
+@functools.cache
+def _register_heif() -> None:
+    # iPhones upload HEIC. Registered on first use rather than at import: importing a module changes nothing.
+    pillow_heif.register_heif_opener()
+
+
 def _open(data: bytes, *, max_pixels: int, formats: dict[str, str]) -> Image.Image:
+    _register_heif()
     if not data:
         raise UnreadableImage("the file is empty")
     try:
@@ -46,8 +58,13 @@ def _open(data: bytes, *, max_pixels: int, formats: dict[str, str]) -> Image.Ima
     if image.format not in formats:
         raise UnsupportedImage(f"{image.format or 'this'} images are not accepted; send {_names(formats)}")
     width, height = image.size
-    if width < 1 or height < 1 or width * height > max_pixels:
+    if width * height > max_pixels:
         raise UnreadableImage(f"the image is {width}×{height} pixels; at most {max_pixels:,} pixels are accepted")
+    if min(width, height) < MIN_SIDE_PX or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UnreadableImage(
+            f"the image is {width}×{height} pixels; a product photo needs at least {MIN_SIDE_PX} pixels a side "
+            f"and at most a {MAX_ASPECT_RATIO:.0f}:1 ratio"
+        )
     if getattr(image, "n_frames", 1) > 1:
         raise UnsupportedImage("animated images are not accepted; send a single still photo")
     try:
@@ -92,7 +109,7 @@ def _flatten_to_rgb(image: Image.Image) -> Image.Image:
 def normalise_upload(data: bytes, *, max_pixels: int) -> NormalisedUpload:
     """Validate an upload and return it as an upright sRGB JPEG without metadata (EXIF and GPS are dropped).
 
-    Raises `UnsupportedImage` (415) for what is not a JPEG, PNG or WebP, `UnreadableImage` (422) for what is
+    Raises `UnsupportedImage` (415) for what is not a JPEG, PNG, WebP or HEIC, `UnreadableImage` (422) for what is
     damaged, empty or too large in pixels.
     """
     image = _open(data, max_pixels=max_pixels, formats=UPLOAD_FORMATS)
@@ -110,7 +127,7 @@ def normalise_upload(data: bytes, *, max_pixels: int) -> NormalisedUpload:
 def result_to_png(data: bytes, *, provider: str, max_pixels: int) -> bytes:
     """A generated image (JPEG, PNG or WebP from a provider) as an RGB PNG."""
     try:
-        image = _open(data, max_pixels=max_pixels, formats=UPLOAD_FORMATS)
+        image = _open(data, max_pixels=max_pixels, formats=RESULT_FORMATS)
     except (UnsupportedImage, UnreadableImage) as exc:
         raise ProviderRejected(provider, f"the result is not a usable image: {exc}") from exc
     if image.format == "PNG" and image.mode == "RGB":
@@ -123,7 +140,7 @@ def result_to_png(data: bytes, *, provider: str, max_pixels: int) -> bytes:
 def cutout_to_png(data: bytes, *, provider: str, max_pixels: int) -> bytes:
     """Check a cut-out really has transparency and return it as an RGBA PNG."""
     try:
-        image = _open(data, max_pixels=max_pixels, formats=UPLOAD_FORMATS)
+        image = _open(data, max_pixels=max_pixels, formats=RESULT_FORMATS)
     except (UnsupportedImage, UnreadableImage) as exc:
         raise ProviderRejected(provider, f"the cut-out is not a usable image: {exc}") from exc
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)

@@ -433,7 +433,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     )
     async def process(
         services: ServicesDep,
-        file: Annotated[UploadFile, File(description="JPEG, PNG or WebP photo of the piece")],
+        file: Annotated[UploadFile, File(description="JPEG, PNG, WebP or HEIC photo of the piece")],
         title: Annotated[str, Form(max_length=10_000)] = "Untitled",
         jewellery_type: Annotated[str | None, Form(max_length=10_000)] = None,
     ) -> JSONResponse:

@@ -76,12 +76,12 @@ async def test_defaults_for_title(api: Any) -> None:
 async def test_format_is_decided_by_content_not_by_declared_type(api: Any) -> None:
     client, services = api
     png = io.BytesIO()
-    Image.new("RGB", (40, 30), (1, 2, 3)).save(png, "PNG")
+    Image.new("RGB", (60, 40), (1, 2, 3)).save(png, "PNG")
     assert (await upload(client, png.getvalue(), content_type="application/octet-stream")).status_code == 202
 
     refused = await upload(client, b"hello, I am text pretending to be a JPEG", content_type="image/jpeg")
     assert refused.status_code == 415
-    assert "JPEG, PNG or WebP" in refused.json()["detail"]
+    assert "JPEG, PNG, WebP or HEIC/HEIF" in refused.json()["detail"]
     gif = io.BytesIO()
     Image.new("RGB", (10, 10)).save(gif, "GIF")
     assert (await upload(client, gif.getvalue(), content_type="image/gif")).status_code == 415
