@@ -44,9 +44,9 @@ class ServiceProcess:
         return self
 
     def _spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
-        log = self.log_path.open("ab")
-        return subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -70,7 +70,8 @@ class ServiceProcess:
             os.killpg(self.process.pid, sig)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not stop in time. Returns the exit code."""
+        """SIGTERM, then SIGKILL if it does not stop in time. Returns the exit code; a clean shutdown is 0, or
+        -SIGTERM from uvicorn, which re-raises the signal it handled once it has shut down (see `stopped_cleanly`)."""
         if self.process is None:
             return None
         self.signal(signal.SIGTERM)
@@ -79,6 +80,10 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             return self.process.wait(timeout=10)
+
+
+def stopped_cleanly(code: int | None) -> bool:
+    return code in (0, -signal.SIGTERM)
 
 
 class WorkerProcess(ServiceProcess):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import sample_photos
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, stopped_cleanly
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     process = ServiceProcess({"DATA_DIR": str(tmp / "data"), "ENVIRONMENT": "development"},
                              log_path=tmp / "service.log").start()
     yield process
-    assert process.stop() == 0, process.logs()[-3000:]
+    assert stopped_cleanly(process.stop()), process.logs()[-3000:]
 
 
 def poll_until_finished(client: httpx.Client, product_id: str, timeout_s: float = 180) -> dict:
