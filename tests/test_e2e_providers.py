@@ -64,7 +64,7 @@ async def stack(make_settings: Any) -> AsyncIterator[Stack]:
         reve_base_url="http://api.reve.test",
         nanobana_base_url="http://api.nano.test",
         nanobana_poll_interval_seconds=0.02,
-        nanobana_deadline_seconds=10,
+        nanobana_deadline_seconds=2,
         retry_wait_max_seconds=0,
         max_retries=3,
     )
