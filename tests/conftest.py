@@ -79,13 +79,48 @@ async def eventually(check: Callable[[], Any], timeout_s: float = 10.0, interval
             await asyncio.sleep(interval_s)
 
 
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path):
-    from database import SqliteStore
+# ---- real PostgreSQL + PostgREST, shaped like Supabase ----------------------------------------------------------------
 
-    sqlite = SqliteStore(path=tmp_path / "products.db")
-    yield sqlite
-    await sqlite.aclose()
+
+@pytest.fixture(scope="session")
+def supabase_stack():
+    """PostgreSQL 15 and PostgREST on loopback ports with the migrations applied. Never skipped: when a binary is
+    missing the session fails, saying what to install (`make test` installs them)."""
+    from tests.pgstack import SupabaseStack
+
+    with SupabaseStack.start() as stack:
+        stack.execute("select 1")
+        for migration in sorted((REPO / "migrations").glob("0*.sql")):
+            stack.apply_sql(migration)
+        stack.reload_schema()
+        yield stack
+
+
+@pytest.fixture
+def clean_products(supabase_stack):
+    supabase_stack.execute("truncate table public.products")
+    return supabase_stack
+
+
+@pytest.fixture
+async def supabase_client(clean_products):
+    async with clean_products.supabase() as client:
+        yield client
+
+
+@pytest.fixture(params=["sqlite", "supabase"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """Every ProductStore implementation, for the contract tests."""
+    from database import SqliteStore, SupabaseStore
+
+    if request.param == "sqlite":
+        sqlite = SqliteStore(path=tmp_path / "products.db")
+        yield sqlite
+        await sqlite.aclose()
+    else:
+        stack = request.getfixturevalue("clean_products")
+        async with stack.supabase() as client:
+            yield SupabaseStore(client=client)
 
 
 # ---- services with scripted providers ---------------------------------------------------------------------------------
