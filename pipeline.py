@@ -22,7 +22,7 @@ import images
 from ai_clients import BackgroundRemover, VariantGenerator, VariantRequest
 from config import Backends, Settings, VariantSpec
 from database import JobStatus, Product, ProductStore, VariantState, VariantStatus
-from errors import JobRunning, ProductNotFound, ProviderError, ServiceError, StorageError
+from errors import JobRunning, LeaseLost, ProductNotFound, ProviderError, StorageError
 from storage import ImageStore
 
 log = structlog.get_logger(__name__)
@@ -175,8 +175,11 @@ class _Run:
     def id(self) -> UUID:
         return self.job.id
 
-    async def set_variant(self, variant: VariantState) -> None:
-        self.job = await self.services.store.set_variant(self.id, worker_id=self.worker_id, variant=variant)
+    async def set_variant(self, variant: VariantState) -> VariantState:
+        # The returned row is not kept: concurrent variants' answers can arrive out of order, so a row from one
+        # of them may predate another's write. Each variant tracks its own state; `_finish` re-reads the row.
+        await self.services.store.set_variant(self.id, worker_id=self.worker_id, variant=variant)
+        return variant
 
 
 async def run_job(services: Services, job: Product, *, worker_id: str) -> Product:
@@ -212,6 +215,7 @@ async def run_job(services: Services, job: Product, *, worker_id: str) -> Produc
         raise group_error.exceptions[0] from None
     marketplace_url = marketplace.result()
     failures = [exc for exc in (task.result() for task in variants) if exc is not None]
+    run.job = await _reread(run)
     if not any(v.status == VariantStatus.DONE for v in run.job.variants):
         retryable = [exc for exc in failures if exc.retryable]
         if retryable:
@@ -258,16 +262,19 @@ async def _cutout(run: _Run, raw: bytes) -> tuple[bytes, str]:
     return png, url
 
 
-async def _variant(run: _Run, spec: VariantSpec, cutout_png: bytes, cutout_url: str) -> ServiceError | None:
+async def _variant(
+    run: _Run, spec: VariantSpec, cutout_png: bytes, cutout_url: str
+) -> ProviderError | StorageError | None:
     """Render, store and record one variant. Returns its error rather than raising, so siblings run on."""
     services = run.services
     state = run.job.variant(spec.index)
     started = time.monotonic()
     try:
-        await run.set_variant(state.model_copy(update={"status": VariantStatus.PROCESSING, "error": None}))
+        state = await run.set_variant(state.model_copy(update={"status": VariantStatus.PROCESSING, "error": None}))
 
         async def on_submitted(task_id: str) -> None:
-            await run.set_variant(run.job.variant(spec.index).model_copy(update={"task_id": task_id}))
+            nonlocal state
+            state = await run.set_variant(state.model_copy(update={"task_id": task_id}))
 
         request = VariantRequest(product_id=str(run.id), spec=spec, cutout_png=cutout_png, cutout_url=cutout_url)
         result = await services.generator.generate(request, task_id=state.task_id, on_submitted=on_submitted)
@@ -279,18 +286,15 @@ async def _variant(run: _Run, spec: VariantSpec, cutout_png: bytes, cutout_url: 
             services.layout.processed_bucket, services.layout.variant_path(run.id, spec.index), png,
             content_type="image/png",
         )
-        done = run.job.variant(spec.index).model_copy(
-            update={"status": VariantStatus.DONE, "url": versioned(url, png), "error": None}
-        )
-        await run.set_variant(done)
+        await run.set_variant(state.model_copy(update={"status": VariantStatus.DONE, "url": versioned(url, png)}))
         log.info("variant_done", variant=spec.index, elapsed_ms=round((time.monotonic() - started) * 1000))
         return None
     except (ProviderError, StorageError) as exc:
-        current = run.job.variant(spec.index)
         # Keep the task id only when polling it again may still succeed; a task that failed is never re-polled.
-        task_id = current.task_id if exc.retryable else None
-        failed = current.model_copy(update={"status": VariantStatus.FAILED, "error": str(exc), "task_id": task_id})
-        await run.set_variant(failed)
+        task_id = state.task_id if exc.retryable else None
+        await run.set_variant(
+            state.model_copy(update={"status": VariantStatus.FAILED, "error": str(exc), "task_id": task_id})
+        )
         log.warning("variant_failed", variant=spec.index, error=str(exc), retryable=exc.retryable)
         return exc
 
@@ -307,6 +311,13 @@ async def _marketplace(run: _Run, cutout_png: bytes) -> str | None:
         log.exception("marketplace_failed", error=str(exc))
         return None
     return versioned(url, jpeg)
+
+
+async def _reread(run: _Run) -> Product:
+    product = await run.services.store.get_product(run.id)
+    if product is None:  # deleted under us: nothing left to write to
+        raise LeaseLost(str(run.id), run.worker_id)
+    return product
 
 
 async def _finish(run: _Run, *, error: str | None = None, marketplace_url: str | None = None) -> Product:

@@ -11,6 +11,7 @@ limits over real sockets, because ASGITransport does not stream a body the way a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import re
@@ -88,7 +89,7 @@ def assert_refusal(entry: dict[str, Any], response: httpx.Response) -> None:
     if entry["status"] == 415:
         assert "JPEG" in detail or "still photo" in detail, detail  # names what to send instead
     if entry.get("bomb"):
-        assert "pixels" in detail, detail
+        assert re.search(r"pixels|image size", detail), detail  # says it is too big, not merely unreadable
 
 
 def jpeg_markers(jpeg: bytes) -> list[int]:
@@ -194,19 +195,13 @@ def test_the_corpus_matches_its_manifest() -> None:
         data = corpus_bytes(entry)
         total += len(data)
         assert len(data) == entry["bytes"], entry["file"]
-        assert hashlib_sha256(data) == entry["sha256"], f"{entry['file']} changed: run tests/corpus/make_corpus.py"
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']} changed: run tests/corpus/make_corpus.py"
         if "stored" in entry:
             assert entry["status"] == 202
     assert total < 512 * 1024, "keep the corpus small: generate big bodies in the tests"
     p3 = next(entry for entry in ENTRIES if entry["file"] == "display_p3.jpg")
     converted, unconverted = p3["stored"]["probes"][0]["rgb"], p3["unconverted_rgb"]
     assert max(abs(a - b) for a, b in zip(converted, unconverted, strict=True)) > 3 * p3["stored"]["probes"][0]["tol"]
-
-
-def hashlib_sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize("entry", params(REFUSED))
@@ -316,24 +311,29 @@ async def test_a_file_exactly_at_the_limit_is_accepted(api: Api) -> None:
 # ---- malformed requests ---------------------------------------------------------------------------------------------
 
 MULTIPART = "multipart/form-data; boundary=zzz"
-MALFORMED: dict[str, tuple[int, dict[str, Any]]] = {
-    "multipart without a boundary": (400, {"content": b"--zzz\r\n\r\nx\r\n--zzz--\r\n",
-                                           "headers": {"content-type": "multipart/form-data"}}),
-    "garbage under a multipart type": (400, {"content": bytes(range(256)) * 4, "headers": {"content-type": MULTIPART}}),
-    "a multipart part never closed": (400, {"content": b'--zzz\r\nContent-Disposition: form-data; name="file"; '
-                                                       b'filename="a.jpg"\r\n\r\n' + jpeg_bytes(),
-                                            "headers": {"content-type": MULTIPART}}),
-    "an empty multipart body": (422, {"content": b"", "headers": {"content-type": MULTIPART}}),
-    "no file field, only a title": (422, {"files": {"title": (None, "a ring")}}),
-    "the file sent as a text field": (422, {"files": {"file": (None, "not a file")}}),
-    "a JSON body": (422, {"json": {"file": "aGVsbG8=", "title": "a ring"}}),
-    "a urlencoded form": (422, {"data": {"file": "hello"}}),
-    "a text/plain body": (422, {"content": b"file=hello", "headers": {"content-type": "text/plain"}}),
-    "no body at all": (422, {}),
-}
+# Starlette leaves the temporary file of a part the body never finishes unclosed (it is dropped from the form and
+# closed only when garbage-collected, with a ResourceWarning): allowed for that case only.
+UNCLOSED_PART = [pytest.mark.filterwarnings("ignore::ResourceWarning"),
+                 pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
+MALFORMED = [
+    pytest.param(400, {"content": b"--zzz\r\n\r\nx\r\n--zzz--\r\n", "headers": {"content-type": "multipart/form-data"}},
+                 id="multipart without a boundary"),
+    pytest.param(400, {"content": bytes(range(256)) * 4, "headers": {"content-type": MULTIPART}},
+                 id="garbage under a multipart type"),
+    pytest.param(422, {"content": b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+                                  + jpeg_bytes(), "headers": {"content-type": MULTIPART}},
+                 id="a multipart part never closed", marks=UNCLOSED_PART),
+    pytest.param(422, {"content": b"", "headers": {"content-type": MULTIPART}}, id="an empty multipart body"),
+    pytest.param(422, {"files": {"title": (None, "a ring")}}, id="no file field, only a title"),
+    pytest.param(422, {"files": {"file": (None, "not a file")}}, id="the file sent as a text field"),
+    pytest.param(422, {"json": {"file": "aGVsbG8=", "title": "a ring"}}, id="a JSON body"),
+    pytest.param(422, {"data": {"file": "hello"}}, id="a urlencoded form"),
+    pytest.param(422, {"content": b"file=hello", "headers": {"content-type": "text/plain"}}, id="a text/plain body"),
+    pytest.param(422, {}, id="no body at all"),
+]
 
 
-@pytest.mark.parametrize(("status", "request_kwargs"), list(MALFORMED.values()), ids=list(MALFORMED))
+@pytest.mark.parametrize(("status", "request_kwargs"), MALFORMED)
 async def test_a_malformed_request_is_a_4xx_and_stores_nothing(api: Api, status: int,
                                                                request_kwargs: dict[str, Any]) -> None:
     response = await api.request("POST", "/process", **request_kwargs)
@@ -503,12 +503,12 @@ def test_the_manifest_through_a_real_server(server: Server, entry: dict[str, Any
 
 
 def test_bombs_do_not_blow_up_the_server(server: Server) -> None:
-    # Whatever order the tests ran in: a decoded bomb would have taken the process past 900 MB.
+    # Whatever order the tests ran in: the server idles near 100 MB, and a decoded bomb takes it past 900 MB.
     for entry in BOMBS:
         response = httpx.post(f"{server.process.base_url}/process", timeout=REQUEST_TIMEOUT_S,
                               files={"file": (entry["file"], corpus_bytes(entry), entry["content_type"])})
-        assert response.status_code == entry["status"], (entry["file"], response.text)
-    assert server.peak_rss_bytes() < 700 * 2**20, f"peak RSS {server.peak_rss_bytes():,} bytes"
+        assert response.status_code >= 400, (entry["file"], response.text)  # the exact status is checked above
+    assert server.peak_rss_bytes() < 400 * 2**20, f"peak RSS {server.peak_rss_bytes():,} bytes"
 
 
 def raw_exchange(server: Server, head: bytes, chunks: Iterator[bytes]) -> tuple[bytes, int]:
