@@ -11,7 +11,7 @@ import mimetypes
 import os
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -48,8 +48,7 @@ class ImageStore(Protocol):
 
 
 def _check_path(path: str) -> str:
-    parts = PurePosixPath(path).parts
-    if not parts or path.startswith("/") or any(part in ("..", ".", "") for part in parts):
+    if not path or any(part in ("..", ".", "") for part in path.split("/")) or "\\" in path:
         raise ValueError(f"not a safe object path: {path!r}")
     return path
 

@@ -36,9 +36,16 @@ BoolImage = npt.NDArray[np.bool_]
 SEGMENT_SIDE_PX = 512  # the graph cut runs at this size (longer side)
 BORDER_SHARE = 0.03  # the band along the image border taken as backdrop to start from
 SHADOW_MIN_SCALE = 0.55  # Lab scale of the darkest shadow the model explains (about 18 % of the light)
-SHADOW_COST_PER_STEP = 25.0  # nats per unit of Lab darkening scale; deeper shadows are less likely
+SHADOW_BIAS = -1.5  # nats: a shallow shadow-like darkening is slightly more likely backdrop...
+SHADOW_DEPTH_GAIN = 8.0  # ...and a deep one slightly more likely metal; contrast decides (nats per unit depth)
+LIT_WEIGHT = 4.0  # nats for a pixel that matches the lit backdrop within its noise
+EVIDENCE_THRESHOLD = 3.0  # departures beyond this many noise units are evidence of the piece
+CHROMA_NOISE_FLOOR = 0.4  # Lab units
+LEVEL_NOISE_FLOOR = 0.01  # log brightness
+SEED_EVIDENCE = 4.0  # nats of field evidence that make a pixel a sure sample of the piece's colours
+COLOUR_CAP = 3.0  # nats the learnt colour mixtures can add for either side
 SHADOW_MIN_WIDTH = 0.012  # darkening narrower than this share of the image side is not a shadow
-TEXTURE_CAP = 3.0  # nats the local gradient energy can add for either side
+TEXTURE_CAP = 2.0  # nats the local gradient energy can add for either side
 GMM_COMPONENTS = 5
 SMOOTHNESS = 2.0  # weight of the contrast-sensitive pairwise term, in nats per neighbour pair
 UNARY_CAP = 12.0  # nats; keeps one odd pixel from outvoting its neighbourhood
@@ -210,18 +217,50 @@ def border_band(shape: tuple[int, int]) -> BoolImage:
     return band
 
 
-def field_cost(lab: FloatImage, field: FloatImage, precision: npt.NDArray[np.float64], log_norm: float) -> FloatImage:
-    """-log density of each pixel under the backdrop field, allowing a shadow: a uniform darkening (it scales L+16, a
-    and b alike in Lab) that is smooth in space. Thin dark things (a chain, a prong) are not shadows: the darkening
-    map is closed morphologically, so only darkening wider than a few pixels is explained."""
+def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float, float]:
+    centre = float(np.median(values))
+    return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
+
+
+def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage) -> FloatImage:
+    """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field,
+    in noise units measured on the backdrop itself (so texture raises the bar).
+
+    Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
+    the backdrop (a highlight), and darker in a structure too thin to be a shadow (a chain, a prong, an outline).
+    Darker with the backdrop's chroma is what a shadow looks like, and also what grey metal looks like: that gets
+    only a weak vote, growing with depth, and the contrast term decides."""
     v = lab + np.array([16.0, 0, 0], np.float32)
     f = field + np.array([16.0, 0, 0], np.float32)
-    scale = np.clip((v * f).sum(-1) / np.maximum((f * f).sum(-1), 1e-6), SHADOW_MIN_SCALE, 1.0).astype(np.float32)
+    level = (v * f).sum(-1) / np.maximum((f * f).sum(-1), 1e-6)
+    across = (v - level[..., None] * f).astype(np.float32)
+    sample = across[background]
+    if sample.shape[0] > 20000:
+        sample = sample[:: sample.shape[0] // 20000 + 1]
+    cov = np.cov(sample.T.astype(np.float64)) + np.eye(3) * CHROMA_NOISE_FLOOR**2
+    precision = np.linalg.inv(cov)
+    for _ in range(2):  # trim the few mislabelled pixels
+        maha = np.einsum("ni,ij,nj->n", sample, precision, sample)
+        cov = np.cov(sample[maha < np.quantile(maha, 0.95)].T.astype(np.float64)) * 1.3 + np.eye(3) * CHROMA_NOISE_FLOOR**2
+        precision = np.linalg.inv(cov)
+    chroma = np.einsum("...i,ij,...j->...", across, precision.astype(np.float32), across)
+
+    brightness = np.log(np.maximum(level, 1e-3)).astype(np.float32)
+    lit, lit_spread = robust_spread(brightness[background], LEVEL_NOISE_FLOOR)
+    bright = (brightness - lit) / lit_spread
+
+    darkest = np.log(SHADOW_MIN_SCALE)
+    clamped = np.clip(brightness - lit, darkest, 0).astype(np.float32)
     reach = max(3, round(SHADOW_MIN_WIDTH * max(lab.shape[:2]))) | 1
-    scale = cv2.morphologyEx(scale, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
-    residual = (v - scale[..., None] * f).astype(np.float64)
-    maha = np.einsum("...i,ij,...j->...", residual, precision, residual)
-    return (0.5 * maha - log_norm + SHADOW_COST_PER_STEP * (1.0 - scale)).astype(np.float32)
+    closed = cv2.morphologyEx(clamped, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
+    thin = closed - clamped
+    _, thin_spread = robust_spread(thin[background], LEVEL_NOISE_FLOOR)
+    thin_z = thin / thin_spread
+
+    piece = 0.5 * (np.maximum.reduce([chroma, np.maximum(bright, 0) ** 2, thin_z**2]) - EVIDENCE_THRESHOLD**2)
+    depth = 1.0 - np.exp(closed)  # 0 lit .. about 0.45 at the deepest shadow explained (Lab scale)
+    shadowed = np.where(bright < -EVIDENCE_THRESHOLD, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
+    return np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)).astype(np.float32)
 
 
 def texture_energy(lab: FloatImage) -> FloatImage:
@@ -232,47 +271,12 @@ def texture_energy(lab: FloatImage) -> FloatImage:
     return np.log(cv2.GaussianBlur(energy, (0, 0), 1.5) + 1.0)
 
 
-def texture_llr(energy: FloatImage, background: BoolImage, foreground: BoolImage) -> FloatImage:
-    """log p(energy | piece) - log p(energy | backdrop), each a normal fit, clipped to a few nats."""
-
-    def normal(values: FloatImage) -> tuple[float, float]:
-        centre = float(np.median(values))
-        spread = float(np.median(np.abs(values - centre))) * 1.4826
-        return centre, max(spread, 0.25)
-
-    mb, sb = normal(energy[background])
-    mf, sf = normal(energy[foreground])
-    llr = -0.5 * ((energy - mf) / sf) ** 2 - np.log(sf) + 0.5 * ((energy - mb) / sb) ** 2 + np.log(sb)
-    return np.clip(llr, -TEXTURE_CAP, TEXTURE_CAP).astype(np.float32)
-
-
-def residual_statistics(lab: FloatImage, field: FloatImage, background: BoolImage) -> tuple[npt.NDArray[np.float64], float]:
-    """Inverse covariance and log-normaliser of the backdrop's residual from its field (texture and noise), robust to
-    a few mislabelled pixels."""
-    residual = (lab - field)[background].astype(np.float64)
-    if residual.shape[0] > 20000:
-        residual = residual[:: residual.shape[0] // 20000 + 1]
-    cov = np.cov(residual.T) + np.eye(3) * 0.3**2
-    for _ in range(2):
-        maha = np.einsum("ni,ij,nj->n", residual, np.linalg.inv(cov), residual)
-        inliers = residual[maha < np.quantile(maha, 0.95)]
-        cov = np.cov(inliers.T) * 1.3 + np.eye(3) * 0.3**2
-    log_norm = -0.5 * (np.log(np.linalg.det(cov)) + 3 * np.log(2 * np.pi))
-    return np.linalg.inv(cov), float(log_norm)
-
-
-def backdrop_cost(lab: FloatImage, field: FloatImage, background: BoolImage) -> FloatImage:
-    """-log density under the backdrop model: a mixture of the (shadowed) field and the backdrop's global colour
-    mixture, weighted by how much of the backdrop each explains (a plain sweep is all field; wood grain is not)."""
-    precision, log_norm = residual_statistics(lab, field, background)
-    by_field = field_cost(lab, field, precision, log_norm)
-    by_colour = fit_mixture(lab[background], GMM_COMPONENTS, floor=1.0).cost(lab)
-    difference = np.clip(by_colour[background] - by_field[background], -30, 30)
-    share = 0.5
-    for _ in range(8):  # EM on the mixing weight alone
-        responsibility = share / (share + (1 - share) * np.exp(difference))
-        share = float(np.clip(responsibility.mean(), 0.02, 0.98))
-    return -np.logaddexp(np.log(share) - by_field, np.log(1 - share) - by_colour).astype(np.float32)
+def normal_llr(values: FloatImage, background: BoolImage, foreground: BoolImage, cap: float) -> FloatImage:
+    """log p(value | piece) - log p(value | backdrop), each a robust normal fit, clipped to `cap` nats."""
+    mb, sb = robust_spread(values[background], 0.25)
+    mf, sf = robust_spread(values[foreground], 0.25)
+    llr = -0.5 * ((values - mf) / sf) ** 2 - np.log(sf) + 0.5 * ((values - mb) / sb) ** 2 + np.log(sb)
+    return np.clip(llr, -cap, cap).astype(np.float32)
 
 
 def segment(small: ByteImage) -> Segmentation:
@@ -285,15 +289,17 @@ def segment(small: ByteImage) -> Segmentation:
     energy = texture_energy(lab)
     foreground = np.zeros(shape, bool)
     field = lab
-    for _ in range(CUT_ROUNDS):
+    for round_ in range(CUT_ROUNDS):
         field = backdrop_field(lab, background)
-        bg_cost = backdrop_cost(lab, field, background)
-        seeds = foreground if foreground.any() else bg_cost > np.quantile(bg_cost[border], 0.995) + 8.0
+        unary = field_evidence(lab, field, background)
+        seeds = unary > SEED_EVIDENCE
         if np.count_nonzero(seeds) < 10:
             return Segmentation(np.zeros(shape, bool), field, 0.0)
-        fg_cost = fit_mixture(lab[seeds], GMM_COMPONENTS, floor=1.5).cost(lab)
-        unary = np.clip(bg_cost - fg_cost, -UNARY_CAP, UNARY_CAP)  # > 0: foreground is cheaper
-        unary += texture_llr(energy, background, seeds)
+        known = foreground if round_ else seeds
+        bg_colours = fit_mixture(lab[background], GMM_COMPONENTS, floor=1.0)
+        fg_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
+        unary += np.clip(bg_colours.cost(lab) - fg_colours.cost(lab), -COLOUR_CAP, COLOUR_CAP)
+        unary += normal_llr(energy, background, known, TEXTURE_CAP)
         unary[border & (unary < 0)] = -1e3
         foreground = graph_cut(unary, pairwise)
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)

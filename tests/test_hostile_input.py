@@ -195,7 +195,7 @@ def test_the_corpus_matches_its_manifest() -> None:
         data = corpus_bytes(entry)
         total += len(data)
         assert len(data) == entry["bytes"], entry["file"]
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']} changed: run tests/corpus/make_corpus.py"
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']}: run make_corpus.py"
         if "stored" in entry:
             assert entry["status"] == 202
     assert total < 512 * 1024, "keep the corpus small: generate big bodies in the tests"

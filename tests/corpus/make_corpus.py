@@ -396,11 +396,11 @@ def colour() -> Iterator[Entry]:
     yield Entry("palette_transparent.png", "a palette PNG: left half a transparent blue entry, right half red", 202,
                 encode(palette, "PNG", transparency=1), content_type="image/png",
                 stored=stored(64, 48, HALVES_WHITE_RED))
-    rgba = halves("RGBA", (30, 30, 220, 0), RED + (255,))
+    rgba = halves("RGBA", (30, 30, 220, 0), (*RED, 255))
     rgba.paste((0, 0, 0, 128), (0, 0, 8, 8))
     yield Entry("rgba_transparent.png", "an RGBA PNG: left half fully transparent blue, a half-transparent black "
                 "corner, right half opaque red", 202, encode(rgba, "PNG"), content_type="image/png",
-                stored=stored(64, 48, HALVES_WHITE_RED + [probe(4, 4, (127, 127, 127), 6)]))
+                stored=stored(64, 48, [*HALVES_WHITE_RED, probe(4, 4, (127, 127, 127), 6)]))
     yield Entry("grey_alpha.png", "a greyscale+alpha PNG: left half transparent black, right half opaque black",
                 202, encode(halves("LA", (0, 0), (0, 255)), "PNG"), content_type="image/png",
                 stored=stored(64, 48, [probe(16, 24, WHITE, 6), probe(48, 24, (0, 0, 0), 6)]))
@@ -488,7 +488,7 @@ def valid_odd() -> Iterator[Entry]:
     yield Entry("still.webp", "a lossy WebP still", 202, encode(upright(), "WEBP", quality=90),
                 content_type="image/webp", stored=stored(UPRIGHT_W, UPRIGHT_H, UPRIGHT_PROBES))
     yield Entry("alpha.webp", "a lossless WebP with alpha: left half transparent", 202,
-                encode(halves("RGBA", (30, 30, 220, 0), RED + (255,)), "WEBP", lossless=True),
+                encode(halves("RGBA", (30, 30, 220, 0), (*RED, 255)), "WEBP", lossless=True),
                 content_type="image/webp", stored=stored(64, 48, HALVES_WHITE_RED))
     yield Entry("progressive.jpg", "a progressive JPEG", 202, encode(upright(), "JPEG", quality=95, progressive=True),
                 stored=stored(UPRIGHT_W, UPRIGHT_H, UPRIGHT_PROBES))
@@ -524,7 +524,19 @@ def manifest_text(entries: list[Entry]) -> str:
                  "the entry is there when it is not obvious.",
         "entries": [entry.manifest() for entry in entries],
     }
-    return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+    return to_json(body) + "\n"
+
+
+def to_json(value: Any, level: int = 0) -> str:
+    """Indented JSON, with probes and lists of numbers or strings kept on one line so the manifest reads as a table."""
+    flat = isinstance(value, list) and all(not isinstance(item, dict | list) for item in value)
+    if not isinstance(value, dict | list) or flat or (isinstance(value, dict) and "xy" in value):
+        return json.dumps(value, ensure_ascii=False)
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(value, list):
+        return "[\n" + ",\n".join(inner + to_json(item, level + 1) for item in value) + f"\n{pad}]" if value else "[]"
+    items = (f"{inner}{json.dumps(key)}: {to_json(item, level + 1)}" for key, item in value.items())
+    return "{\n" + ",\n".join(items) + f"\n{pad}}}"
 
 
 def main() -> int:
