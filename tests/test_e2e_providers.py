@@ -250,3 +250,46 @@ async def test_a_provider_message_quoting_our_key_never_reaches_the_row(stack: S
     response = await stack.api.get(f"/product/{product_id}")
     assert "nb-test-key" not in response.text
     assert "[redacted]" in response.text
+
+
+async def test_production_shape_supabase_rows_and_storage_reve_and_nanobanana(make_settings: Any,
+                                                                              clean_products: Any) -> None:
+    """Every backend remote: rows in real PostgreSQL through PostgREST, files in (a fake of) Supabase Storage,
+    Reve and NanoBanana fakes; NanoBanana fetches the cut-out from Storage's public URL."""
+    from tests.fakes.supabase_storage import FakeStorage
+
+    stack = clean_products
+    storage = FakeStorage(service_role_key=stack.service_role_key)
+    settings: Settings = make_settings(
+        supabase_url="http://supabase.test",
+        supabase_service_role_key=stack.service_role_key,
+        reve_api_key="papi.test-key", nanobana_api_key="nb-test-key",
+        reve_base_url="http://api.reve.test", nanobana_base_url="http://api.nano.test",
+        nanobana_poll_interval_seconds=0.02, retry_wait_max_seconds=0,
+    )
+    reve = rv.FakeReve(api_key="papi.test-key")
+    nano = nb.FakeNanobanana(api_key="nb-test-key", generation_s=0.05,
+                             fetch_transport=HostRouter({"supabase.test": httpx.ASGITransport(app=storage.app)}))
+    providers = HostRouter({"api.reve.test": httpx.ASGITransport(app=reve.app),
+                            "api.nano.test": httpx.ASGITransport(app=nano.app)})
+    supabase = stack.transport(storage_transport=httpx.ASGITransport(app=storage.app))
+    async with open_services(settings, transport=providers, supabase_transport=supabase) as services:
+        assert (services.backends.database, services.backends.storage) == ("supabase", "supabase")
+        app = create_app(services=services)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=SHOP) as api:
+            accepted = await api.post("/process", files={"file": ("p.jpg", ring_photo(), "image/jpeg")})
+            assert accepted.status_code == 202
+            product_id = accepted.json()["product_id"]
+            await asyncio.wait_for(Worker.from_settings(services, retry_backoff_s=0).run_once(), 60)
+            row = (await api.get(f"/product/{product_id}")).json()
+    assert row["status"] == "done", row["error"]
+    assert len(row["generated_image_urls"]) == 4
+    assert row["raw_image_url"].startswith("http://supabase.test/storage/v1/object/public/plant-images/products/")
+    for n, url in enumerate(row["generated_image_urls"], 1):
+        assert f"/object/public/plant-images/products/processed/{product_id}_v{n}.png?v=" in url
+        stored = storage.get_object("plant-images", f"products/processed/{product_id}_v{n}.png")
+        assert stored is not None and stored.content_type == "image/png"
+    cutout = storage.get_object("plant-images", f"products/temp/reve_{product_id}.png")
+    assert cutout is not None and cutout.content_type == "image/png"
+    assert stack.execute(f"select status from products where id = '{product_id}'") == "done"
+    assert (reve.billed, nano.submits_accepted) == (1, 4)
