@@ -40,12 +40,15 @@ SHADOW_BIAS = -1.5  # nats: a shallow shadow-like darkening is slightly more lik
 SHADOW_DEPTH_GAIN = 8.0  # ...and a deep one slightly more likely metal; contrast decides (nats per unit depth)
 LIT_WEIGHT = 4.0  # nats for a pixel that matches the lit backdrop within its noise
 EVIDENCE_THRESHOLD = 3.0  # departures beyond this many noise units are evidence of the piece
+BACKDROP_QUANTILE = 0.999  # the share of the backdrop that sits within the threshold
 CHROMA_NOISE_FLOOR = 0.4  # Lab units
 LEVEL_NOISE_FLOOR = 0.01  # log brightness
 SEED_EVIDENCE = 4.0  # nats of field evidence that make a pixel a sure sample of the piece's colours
+MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
+SPECK_SHARE = 2e-5  # foreground components smaller than this share of the image are dropped
 COLOUR_CAP = 3.0  # nats the learnt colour mixtures can add for either side
 SHADOW_MIN_WIDTH = 0.012  # darkening narrower than this share of the image side is not a shadow
-TEXTURE_CAP = 2.0  # nats the local gradient energy can add for either side
+TEXTURE_CAP = 0.0  # nats the local gradient energy can add for either side
 GMM_COMPONENTS = 5
 SMOOTHNESS = 2.0  # weight of the contrast-sensitive pairwise term, in nats per neighbour pair
 UNARY_CAP = 12.0  # nats; keeps one odd pixel from outvoting its neighbourhood
@@ -177,7 +180,7 @@ def polynomial_field(lab: FloatImage, background: BoolImage) -> FloatImage:
     return (grid @ coef).astype(np.float32)
 
 
-def backdrop_field(lab: FloatImage, background: BoolImage) -> FloatImage:
+def backdrop_field(lab: FloatImage, background: BoolImage, finest: float = 1 / 96) -> FloatImage:
     """The backdrop's colour everywhere: a quadratic surface, refined by interpolating the background pixels'
     departures from it, wide blurs first, finer ones where there is enough background nearby (push-pull)."""
     base = polynomial_field(lab, background)
@@ -185,7 +188,7 @@ def backdrop_field(lab: FloatImage, background: BoolImage) -> FloatImage:
     weights = background.astype(np.float32)
     side = max(lab.shape[:2])
     field = np.zeros_like(lab)
-    for sigma in (side / 8, side / 32, side / 96):
+    for sigma in (s * side for s in (1 / 8, 1 / 32, 1 / 96) if s >= finest):
         num, den = normalised_blur(departure, weights, sigma)
         prior = 0.05
         field = (num + prior * field) / (den + prior)[..., None]
@@ -222,45 +225,53 @@ def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float,
     return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
 
 
-def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage) -> FloatImage:
-    """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field,
-    in noise units measured on the backdrop itself (so texture raises the bar).
+def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage, reference: BoolImage) -> FloatImage:
+    """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field.
 
     Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
     the backdrop (a highlight), and darker in a structure too thin to be a shadow (a chain, a prong, an outline).
-    Darker with the backdrop's chroma is what a shadow looks like, and also what grey metal looks like: that gets
-    only a weak vote, growing with depth, and the contrast term decides."""
+    Each is calibrated on the backdrop itself: its value at the backdrop's 99.5th percentile is the threshold, so a
+    textured backdrop (grain lines, weave) raises its own bar. Darker with the backdrop's chroma is what a shadow
+    looks like, and also what grey metal looks like: that gets only a weak vote, growing with depth, and the
+    contrast term decides."""
     v = lab + np.array([16.0, 0, 0], np.float32)
     f = field + np.array([16.0, 0, 0], np.float32)
     level = (v * f).sum(-1) / np.maximum((f * f).sum(-1), 1e-6)
     across = (v - level[..., None] * f).astype(np.float32)
-    sample = across[background]
+    sample = across[reference]
     if sample.shape[0] > 20000:
         sample = sample[:: sample.shape[0] // 20000 + 1]
-    cov = np.cov(sample.T.astype(np.float64)) + np.eye(3) * CHROMA_NOISE_FLOOR**2
-    precision = np.linalg.inv(cov)
-    for _ in range(2):  # trim the few mislabelled pixels
-        maha = np.einsum("ni,ij,nj->n", sample, precision, sample)
-        cov = np.cov(sample[maha < np.quantile(maha, 0.95)].T.astype(np.float64)) * 1.3 + np.eye(3) * CHROMA_NOISE_FLOOR**2
-        precision = np.linalg.inv(cov)
-    chroma = np.einsum("...i,ij,...j->...", across, precision.astype(np.float32), across)
+    precision = np.linalg.inv(np.cov(sample.T.astype(np.float64)) + np.eye(3) * CHROMA_NOISE_FLOOR**2)
+    chroma = np.sqrt(np.einsum("...i,ij,...j->...", across, precision.astype(np.float32), across))
 
     brightness = np.log(np.maximum(level, 1e-3)).astype(np.float32)
-    lit, lit_spread = robust_spread(brightness[background], LEVEL_NOISE_FLOOR)
-    bright = (brightness - lit) / lit_spread
+    lit, lit_spread = robust_spread(brightness[reference], LEVEL_NOISE_FLOOR)
+    above = np.maximum(brightness - lit, 0)
 
     darkest = np.log(SHADOW_MIN_SCALE)
     clamped = np.clip(brightness - lit, darkest, 0).astype(np.float32)
     reach = max(3, round(SHADOW_MIN_WIDTH * max(lab.shape[:2]))) | 1
     closed = cv2.morphologyEx(clamped, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
     thin = closed - clamped
-    _, thin_spread = robust_spread(thin[background], LEVEL_NOISE_FLOOR)
-    thin_z = thin / thin_spread
 
-    piece = 0.5 * (np.maximum.reduce([chroma, np.maximum(bright, 0) ** 2, thin_z**2]) - EVIDENCE_THRESHOLD**2)
+    z = np.zeros_like(chroma)
+    for channel, floor in ((chroma, 1.0), (above, LEVEL_NOISE_FLOOR), (thin, LEVEL_NOISE_FLOOR)):
+        bar = max(floor, float(np.quantile(channel[reference], BACKDROP_QUANTILE)))
+        z = np.maximum(z, channel * (EVIDENCE_THRESHOLD / bar))
+    piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
     depth = 1.0 - np.exp(closed)  # 0 lit .. about 0.45 at the deepest shadow explained (Lab scale)
-    shadowed = np.where(bright < -EVIDENCE_THRESHOLD, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
+    darker = brightness - lit < -EVIDENCE_THRESHOLD * lit_spread
+    shadowed = np.where(darker, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
     return np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)).astype(np.float32)
+
+
+def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Backdrop colours as they would look in shadow too (Lab scale of L+16, a, b from 1 down to the deepest
+    shadow), so a colour model of the backdrop doesn't take its own shadows for the piece."""
+    scales = np.linspace(1.0, SHADOW_MIN_SCALE, 4, dtype=np.float32)
+    offset = np.array([16.0, 0, 0], np.float32)
+    every = lab[:: max(1, lab.shape[0] // 4000)]
+    return np.concatenate([(every + offset) * k - offset for k in scales])
 
 
 def texture_energy(lab: FloatImage) -> FloatImage:
@@ -289,21 +300,37 @@ def segment(small: ByteImage) -> Segmentation:
     energy = texture_energy(lab)
     foreground = np.zeros(shape, bool)
     field = lab
+    # First guess at the backdrop: everything but clear outliers, so the field can follow folds and falloff that
+    # the border alone can't predict; calibrated on the border, which the piece rarely reaches.
+    background = np.ones(shape, bool)
+    for _ in range(2):
+        field = backdrop_field(lab, background, finest=1 / 32)
+        evidence = field_evidence(lab, field, background, border)
+        background = ~cv2.dilate((evidence > SEED_EVIDENCE).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     for round_ in range(CUT_ROUNDS):
         field = backdrop_field(lab, background)
-        unary = field_evidence(lab, field, background)
+        unary = field_evidence(lab, field, background, background)
         seeds = unary > SEED_EVIDENCE
         if np.count_nonzero(seeds) < 10:
             return Segmentation(np.zeros(shape, bool), field, 0.0)
         known = foreground if round_ else seeds
-        bg_colours = fit_mixture(lab[background], GMM_COMPONENTS, floor=1.0)
+        bg_colours = fit_mixture(shadowed_samples(lab[background]), GMM_COMPONENTS, floor=1.0)
         fg_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
         unary += np.clip(bg_colours.cost(lab) - fg_colours.cost(lab), -COLOUR_CAP, COLOUR_CAP)
         unary += normal_llr(energy, background, known, TEXTURE_CAP)
         unary[border & (unary < 0)] = -1e3
-        foreground = graph_cut(unary, pairwise)
+        foreground = drop_specks(graph_cut(unary, pairwise))
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     return Segmentation(foreground, field, confidence=0.5)
+
+
+def drop_specks(mask: BoolImage) -> BoolImage:
+    """Remove foreground components too small to be part of a piece (noise, dust, a stray texture blob)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    smallest = max(6, round(SPECK_SHARE * mask.size))
+    keep = stats[:, cv2.CC_STAT_AREA] >= smallest
+    keep[0] = False
+    return keep[labels]
 
 
 @dataclass(frozen=True)
@@ -354,12 +381,54 @@ def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
 # Matte and defringe
 
 
+def local_mean(rgb: FloatImage, weights: FloatImage, sigma: float) -> tuple[FloatImage, FloatImage]:
+    """Weighted local mean colour and the local weight mass."""
+    num = cv2.GaussianBlur(rgb * weights[..., None], (0, 0), sigma)
+    den = cv2.GaussianBlur(weights, (0, 0), sigma)
+    return num / np.maximum(den, 1e-6)[..., None], den
+
+
 def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteImage]:
+    """Alpha and defringed colour at full size from the segmentation's labels.
+
+    In a band around the label boundary (as wide as the segmentation's pixels, plus a margin), alpha solves the
+    matting equation I = a F + (1 - a) B with B the local backdrop colour (from sure-background pixels nearby) and F
+    the local piece colour (sure-foreground pixels, or in a thin chain the band pixels least like the backdrop).
+    Where F and B are too alike for that to be stable, a guided filter of the labels takes over."""
     height, width = rgb.shape[:2]
-    mask = cv2.resize(segmentation.foreground.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    alpha = guided_filter(rgb.astype(np.float32) / 255.0, mask, radius=max(2, round(max(height, width) / 400)), eps=1e-3)
-    alpha = np.clip(alpha, 0, 1)
-    return (alpha * 255).round().astype(np.uint8), rgb
+    small_h, small_w = segmentation.foreground.shape
+    upscale = max(height / small_h, width / small_w)
+    image = rgb.astype(np.float32)
+    labels = cv2.resize(segmentation.foreground.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    reach = int(np.ceil(upscale)) + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
+    sure_fg = cv2.erode(labels, kernel).astype(np.float32)
+    sure_bg = cv2.erode(1 - labels, kernel).astype(np.float32)
+    unknown = (1 - sure_fg) * (1 - sure_bg)
+
+    sigma = 1.5 * reach
+    backdrop, bg_mass = local_mean(image, sure_bg, sigma)
+    far_backdrop, _ = local_mean(image, sure_bg, 6 * sigma)
+    near = np.clip(bg_mass / 0.05, 0, 1)[..., None]
+    backdrop = near * backdrop + (1 - near) * far_backdrop
+
+    # In a chain thinner than the band there is no sure foreground: the pixels least like the backdrop stand in.
+    difference = np.linalg.norm(image - backdrop, axis=-1)
+    unlike = unknown * (difference / (difference.max() + 1e-3)) ** 6
+    piece, _ = local_mean(image, sure_fg + unlike, sigma)
+
+    span = piece - backdrop
+    span2 = (span * span).sum(-1)
+    solved = np.clip(((image - backdrop) * span).sum(-1) / np.maximum(span2, 1e-3), 0, 1)
+    reliable = span2 / (span2 + MATTE_CONTRAST**2)
+    soft = np.clip(guided_filter(image / 255.0, labels.astype(np.float32), radius=reach, eps=1e-3), 0, 1)
+    alpha = sure_fg + unknown * (reliable * solved + (1 - reliable) * soft)
+
+    # Defringe: unmix the backdrop where alpha is large enough to divide by, the local piece colour elsewhere.
+    unmixed = backdrop + (image - backdrop) / np.maximum(alpha, 0.05)[..., None]
+    trust = np.clip((alpha - 0.15) / 0.5, 0, 1)[..., None]
+    colour = np.where(unknown[..., None] > 0, trust * unmixed + (1 - trust) * piece, image)
+    return (alpha * 255).round().astype(np.uint8), np.clip(colour, 0, 255).round().astype(np.uint8)
 
 
 def guided_filter(guide: FloatImage, src: FloatImage, radius: int, eps: float) -> FloatImage:

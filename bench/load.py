@@ -1,0 +1,226 @@
+"""Load benchmark: the running service under 50 concurrent pollers of GET /product/{id} plus 5 uploads a second.
+
+The service runs as a real process (uvicorn, embedded SQLite and storage folder, its in-process worker) with the
+Reve and NanoBanana fakes as provider stand-ins of realistic latency, each in its own process. In the same run, a
+bare FastAPI endpoint returning the same JSON is driven by the same pollers, so throughput is a ratio measured side by
+side.
+
+    python bench/load.py [--seconds 60] [--pollers 50] [--uploads-per-s 5]
+
+Prints: errors (target 0), p50/p99 latency of the polls (target p99 <= 100 ms), the service's peak memory, and the
+throughput of GET /product/{id} as a ratio to the bare endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.service_process import ServiceProcess, free_port  # noqa: E402
+
+PHOTO = (REPO.parent / "shared" / "samples" / "04_pearl_stud_earrings_white_sweep_photo.jpg").read_bytes()
+BARE_APP = '''
+import json, os
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+BODY = json.loads(open(os.environ["BARE_BODY"]).read())
+app = FastAPI()
+@app.get("/product/{product_id}")
+async def product(product_id: str) -> JSONResponse:
+    return JSONResponse(BODY)
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+'''
+
+
+@dataclass
+class Stats:
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    uploads: int = 0
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+def start_fake(module: str, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    process = subprocess.Popen([sys.executable, "-m", f"tests.fakes.{module}", "--port", "0", *args], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if not line.startswith("READY "):
+        raise RuntimeError(f"{module} fake did not start: {line!r}")
+    return process, line.split()[1]
+
+
+def configure(base_url: str, body: dict[str, object]) -> None:
+    httpx.post(f"{base_url}/__admin/configure", json=body, timeout=10).raise_for_status()
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def poller(client: httpx.AsyncClient, ids: list[str], stats: Stats, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            response = await client.get(f"/product/{random.choice(ids)}")  # noqa: S311
+            if response.status_code != 200:
+                stats.error(f"HTTP {response.status_code}")
+            else:
+                stats.latencies_ms.append((time.perf_counter() - started) * 1000)
+        except httpx.HTTPError as exc:
+            stats.error(type(exc).__name__)
+
+
+async def uploader(client: httpx.AsyncClient, per_s: float, ids: list[str], stats: Stats,
+                   stop: asyncio.Event) -> None:
+    async def one() -> None:
+        try:
+            response = await client.post("/process", files={"file": ("p.jpg", PHOTO, "image/jpeg")})
+            if response.status_code != 202:
+                stats.error(f"upload HTTP {response.status_code}")
+                return
+            ids.append(response.json()["product_id"])
+            stats.uploads += 1
+        except httpx.HTTPError as exc:
+            stats.error(f"upload {type(exc).__name__}")
+
+    tasks = set()
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        task = asyncio.create_task(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        next_at += 1 / per_s
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    await asyncio.gather(*tasks)
+
+
+async def drive(base_url: str, ids: list[str], seconds: float, pollers: int, uploads_per_s: float) -> Stats:
+    stats = Stats()
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=pollers + 20, max_keepalive_connections=pollers + 20)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+        tasks = [asyncio.create_task(poller(client, ids, stats, stop)) for _ in range(pollers)]
+        if uploads_per_s > 0:
+            tasks.append(asyncio.create_task(uploader(client, uploads_per_s, ids, stats, stop)))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks)
+    return stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+async def run(args: argparse.Namespace) -> None:
+    fakes: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reve, reve_url = start_fake("reve")
+        nano, nano_url = start_fake("nanobanana")
+        fakes += [reve, nano]
+        # Realistic latencies (PROVIDERS.md: Reve 7-26 s per edit, NanoBanana 15-20 s), scaled to fit the run.
+        configure(reve_url, {"latency_s": args.cutout_s, "credits": 10_000_000})
+        configure(nano_url, {"generation_s": args.variant_s})
+        service = ServiceProcess(
+            {
+                "DATA_DIR": f"{tmp}/data",
+                "REVE_API_KEY": "papi.test-key", "REVE_BASE_URL": reve_url,
+                "NANOBANA_API_KEY": "nb-test-key", "NANOBANA_BASE_URL": nano_url,
+                "NANOBANA_POLL_INTERVAL_SECONDS": "2", "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
+                "WORKER_CONCURRENCY": str(args.worker_concurrency),
+            },
+            log_path=Path(tmp) / "service.log",
+        ).start()
+        bare_port = free_port()
+        try:
+            seed = [httpx.post(f"{service.base_url}/process", files={"file": ("p.jpg", PHOTO, "image/jpeg")},
+                               timeout=30).json()["product_id"] for _ in range(10)]
+            body = httpx.get(f"{service.base_url}/product/{seed[0]}").json()
+            Path(tmp, "body.json").write_text(json.dumps(body))
+            Path(tmp, "bare_app.py").write_text(BARE_APP)
+            bare = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(bare_port), "--log-level",
+                 "warning"], cwd=tmp, env={**os.environ, "BARE_BODY": f"{tmp}/body.json"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            fakes.append(bare)
+            ids = list(seed)
+            print(f"service under load: {args.pollers} pollers + {args.uploads_per_s} uploads/s for "
+                  f"{args.seconds:.0f} s (cut-out {args.cutout_s} s, variants {args.variant_s} s)")
+            loaded = await drive(service.base_url, ids, args.seconds, args.pollers, args.uploads_per_s)
+            peak = peak_rss_mib(service.process.pid if service.process else 0)
+            # Throughput, side by side: the same pollers, no uploads, first the service then the bare endpoint.
+            service_only = await drive(service.base_url, ids, args.compare_seconds, args.pollers, 0)
+            await wait_ready(f"http://127.0.0.1:{bare_port}")
+            bare_only = await drive(f"http://127.0.0.1:{bare_port}", ids, args.compare_seconds, args.pollers, 0)
+            done = sum(1 for product_id in ids[-50:]
+                       if httpx.get(f"{service.base_url}/product/{product_id}").json()["status"] == "done")
+        finally:
+            service.stop()
+            for process in fakes:
+                process.terminate()
+                process.wait(10)
+
+    polls = len(loaded.latencies_ms)
+    print(f"errors: {sum(loaded.errors.values())} {loaded.errors or ''}  (target 0)")
+    print(f"GET /product/{{id}} under load: {polls} polls, {polls / args.seconds:.0f}/s, "
+          f"p50 {statistics.median(loaded.latencies_ms):.1f} ms, p99 {percentile(loaded.latencies_ms, 0.99):.1f} ms"
+          f"  (target p99 <= 100 ms)")
+    print(f"uploads accepted: {loaded.uploads} ({loaded.uploads / args.seconds:.1f}/s); "
+          f"of the last 50, {done} already done when the run ended")
+    print(f"service peak memory (VmHWM): {peak:.0f} MiB")
+    service_rps = len(service_only.latencies_ms) / args.compare_seconds
+    bare_rps = len(bare_only.latencies_ms) / args.compare_seconds
+    print(f"throughput, polls only, {args.compare_seconds:.0f} s each: service {service_rps:.0f}/s, bare FastAPI "
+          f"{bare_rps:.0f}/s, ratio {service_rps / bare_rps:.2f}")
+
+
+async def wait_ready(base_url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            try:
+                if (await client.get(f"{base_url}/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the bare app did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--compare-seconds", type=float, default=10)
+    parser.add_argument("--pollers", type=int, default=50)
+    parser.add_argument("--uploads-per-s", type=float, default=5)
+    parser.add_argument("--cutout-s", type=float, default=3.0)
+    parser.add_argument("--variant-s", type=float, default=8.0)
+    parser.add_argument("--worker-concurrency", type=int, default=8)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
