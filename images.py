@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ MIN_SIDE_PX = 32
 MAX_ASPECT_RATIO = 10.0
 RAW_JPEG_QUALITY = 92
 
-# Pillow's own bomb guard is a global that warns; we check dimensions ourselves before decoding.
+# Pillow's own bomb guard is a global that warns; `_open` checks dimensions itself before decoding.
 Image.MAX_IMAGE_PIXELS = None
 
 
@@ -48,14 +47,19 @@ def _open(data: bytes, *, max_pixels: int, formats: dict[str, str]) -> Image.Ima
     if not data:
         raise UnreadableImage("the file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        if _starts_like_one_of(formats, data):
+            raise UnreadableImage("the image is damaged: its header could not be read") from exc
         raise UnsupportedImage(f"not an image we accept; send {_names(formats)}") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    # RuntimeError: pillow-heif's for libheif's own refusals ("Security limit exceeded").
+    except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"the image could not be read: {exc}") from exc
-    if image.format not in formats:
+    if image.format == "MPO" and "JPEG" in formats:
+        # Phones put a second picture (an HDR gain map, a depth map) after the photo in a JPEG's MPF block, and
+        # Pillow then calls the file MPO. The first picture is the photo.
+        image.seek(0)
+    elif image.format not in formats:
         raise UnsupportedImage(f"{image.format or 'this'} images are not accepted; send {_names(formats)}")
     width, height = image.size
     if width * height > max_pixels:
@@ -65,13 +69,25 @@ def _open(data: bytes, *, max_pixels: int, formats: dict[str, str]) -> Image.Ima
             f"the image is {width}×{height} pixels; a product photo needs at least {MIN_SIDE_PX} pixels a side "
             f"and at most a {MAX_ASPECT_RATIO:.0f}:1 ratio"
         )
-    if getattr(image, "n_frames", 1) > 1:
+    if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
         raise UnsupportedImage("animated images are not accepted; send a single still photo")
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as exc:
         raise UnreadableImage(f"the image is damaged or truncated: {exc}") from exc
     return image
+
+
+def _starts_like_one_of(formats: dict[str, str], data: bytes) -> bool:
+    """Whether the bytes begin like a format we take: then a failure to open them is damage (422), not a foreign
+    file (415). Pillow reports a PNG with a bad IHDR checksum as unidentified."""
+    signatures = {
+        "JPEG": data[:3] == b"\xff\xd8\xff",
+        "PNG": data[:8] == b"\x89PNG\r\n\x1a\n",
+        "WEBP": data[:4] == b"RIFF" and data[8:12] == b"WEBP",
+        "HEIF": data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1"),
+    }
+    return any(signatures.get(name, False) for name in formats)
 
 
 def _names(formats: dict[str, str]) -> str:
@@ -94,10 +110,11 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 
 def _flatten_to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale, don't clip, to 8 bits.
+        # 16-bit greyscale: scale, don't clip, to 8 bits, whatever the values (a dark picture is still 16-bit).
         array = np.asarray(image, dtype=np.uint32)
-        image = Image.fromarray((array >> 8 if array.max() > 255 else array).astype(np.uint8), "L")
-    if image.mode == "P":
+        image = Image.fromarray((array >> 8).astype(np.uint8), "L")
+    if image.mode == "P" or "transparency" in image.info:
+        # A palette's transparent entry, or a tRNS colour key on an RGB or greyscale PNG.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
@@ -119,6 +136,8 @@ def normalise_upload(data: bytes, *, max_pixels: int) -> NormalisedUpload:
     image = _flatten_to_rgb(image)
     if max(image.size) > RAW_MAX_SIDE_PX:
         image.thumbnail((RAW_MAX_SIDE_PX, RAW_MAX_SIDE_PX), Image.Resampling.LANCZOS)
+    # Pillow's JPEG encoder copies a COM comment from `info`: the stored raw keeps nothing of the upload but pixels.
+    image.info.clear()
     out = io.BytesIO()
     image.save(out, "JPEG", quality=RAW_JPEG_QUALITY, optimize=True)
     return NormalisedUpload(jpeg=out.getvalue(), width=image.width, height=image.height, source_format=source_format)

@@ -71,12 +71,20 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class InvalidInputOut(BaseModel):
+    """422: our own message (an unreadable image, a title too long) or FastAPI's list of invalid fields."""
+
+    detail: str | list[dict[str, Any]]
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "The multipart body could not be parsed"},
     401: {"model": ErrorOut, "description": "API_KEYS is set and no valid key was sent"},
     404: {"model": ErrorOut, "description": "No product with this id"},
     409: {"model": ErrorOut, "description": "The product is being processed"},
     413: {"model": ErrorOut, "description": "The file is larger than MAX_UPLOAD_BYTES"},
     415: {"model": ErrorOut, "description": "Not a JPEG, PNG, WebP or HEIC image"},
+    422: {"model": InvalidInputOut, "description": "An unreadable or out-of-bounds image, or an invalid field"},
     429: {"model": ErrorOut, "description": "Too many uploads; see Retry-After"},
     503: {"model": ErrorOut, "description": "Storage or database unavailable; try again"},
 }
@@ -113,15 +121,30 @@ async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
 
 
 def clean_title(title: str, max_chars: int) -> str:
+    _refuse_nul("title", title)
     title = title.strip() or "Untitled"
     if len(title) > max_chars:
         raise InputError(f"title is {len(title)} characters; at most {max_chars} are allowed")
     return title
 
 
+def _refuse_nul(field: str, value: str) -> None:
+    # PostgreSQL text cannot hold U+0000: PostgREST would refuse the row and the client would get a 503.
+    if "\x00" in value:
+        raise InputError(f"{field} contains a NUL character (\\x00); remove it")
+
+
+async def refuse_repeated_file(request: Request) -> None:
+    """Two `file` parts would leave the client guessing which one we processed (Starlette keeps the last)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if len((await request.form()).getlist("file")) > 1:
+            raise InputError("send one photo per request, in a single `file` field")
+
+
 def clean_type(jewellery_type: str | None, max_chars: int) -> str | None:
     if jewellery_type is None or not jewellery_type.strip():
         return None
+    _refuse_nul("jewellery_type", jewellery_type)
     if len(jewellery_type) > max_chars:
         raise InputError(f"jewellery_type is longer than {max_chars} characters")
     return jewellery_type.strip()
@@ -427,9 +450,9 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         "/process",
         status_code=202,
         response_model=ProcessAccepted,
-        responses={k: v for k, v in ERRORS.items() if k in (401, 413, 415, 429, 503)},
+        responses={k: v for k, v in ERRORS.items() if k in (400, 401, 413, 415, 422, 429, 503)},
         summary="Upload a photo and start processing",
-        dependencies=_API_KEY_DOCS,
+        dependencies=[*_API_KEY_DOCS, Depends(refuse_repeated_file)],
     )
     async def process(
         services: ServicesDep,
@@ -459,14 +482,14 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         "/process/{product_id}",
         status_code=202,
         response_model=ProcessAccepted,
-        responses={k: v for k, v in ERRORS.items() if k in (401, 404, 409, 413, 415, 429, 503)},
+        responses={k: v for k, v in ERRORS.items() if k in (400, 401, 404, 409, 413, 415, 422, 429, 503)},
         summary="Process a product again, optionally with a new photo",
-        dependencies=_API_KEY_DOCS,
+        dependencies=[*_API_KEY_DOCS, Depends(refuse_repeated_file)],
     )
     async def reprocess(
         product_id: UUID,
         services: ServicesDep,
-        file: Annotated[UploadFile | None, File(description="Optional new photo")] = None,
+        file: Annotated[UploadFile, File(description="Optional new photo")] = None,  # type: ignore[assignment]
     ) -> JSONResponse:
         upload = await read_upload(file, services.settings.max_upload_bytes) if file is not None else None
         product = await resubmit_product(services, product_id, upload=upload)

@@ -164,11 +164,9 @@ def _composite(canvas: FloatImage, placement: Placement) -> ByteImage:
 
 
 def _to_bytes(image: FloatImage) -> ByteImage:
-    """0..1 floats to uint8, rounded; `image` is consumed."""
-    image *= np.float32(255)
-    image += np.float32(0.5)
-    np.clip(image, 0, 255, out=image)
-    return image.astype(np.uint8)
+    """0..1 floats to uint8, rounded and saturated, in one pass."""
+    out: ByteImage = cv2.convertScaleAbs(image, alpha=255.0)  # the image is never negative, so abs is a no-op
+    return out
 
 
 def _frame_alpha(placement: Placement, frame_px: int, factor: int) -> FloatImage:
@@ -180,15 +178,42 @@ def _frame_alpha(placement: Placement, frame_px: int, factor: int) -> FloatImage
     return cv2.resize(alpha, (small, small), interpolation=cv2.INTER_AREA).astype(np.float32) * np.float32(1 / 255)
 
 
+def _blur(image: FloatImage, sigma: float) -> FloatImage:
+    """Gaussian blur; a wide one is done on a reduced copy (the result is smooth, so nothing is lost) to keep the
+    kernel short."""
+    factor = 2 ** max(0, math.floor(math.log2(max(sigma, 1.0) / 4)))
+    if factor == 1:
+        return cv2.GaussianBlur(image, (0, 0), max(sigma, 0.3))
+    height, width = image.shape[:2]
+    small_size = (max(1, round(width / factor)), max(1, round(height / factor)))
+    small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / factor)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def _shifted_blur(mask: FloatImage, dx: float, dy: float, sigma: float) -> FloatImage:
     matrix = np.float32([[1, 0, dx], [0, 1, dy]])
     size = (mask.shape[1], mask.shape[0])
     moved = cv2.warpAffine(mask, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    return cv2.GaussianBlur(moved, (0, 0), max(sigma, 0.3))
+    return _blur(moved, sigma)
 
 
 def _upsample(low: FloatImage, frame_px: int) -> FloatImage:
     return cv2.resize(low, (frame_px, frame_px), interpolation=cv2.INTER_LINEAR)
+
+
+def _effect_box(effect: FloatImage, frame_px: int) -> tuple[slice, slice]:
+    """The part of the full frame where a reduced effect map (0 = no effect) does anything."""
+    # below 1/512 no effect here moves a pixel by half a level
+    rows = np.flatnonzero(effect.max(axis=1) > 1 / 512)
+    cols = np.flatnonzero(effect.max(axis=0) > 1 / 512)
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    scale = frame_px / effect.shape[0]
+    return (
+        slice(max(0, math.floor((rows[0] - 1) * scale)), min(frame_px, math.ceil((rows[-1] + 2) * scale))),
+        slice(max(0, math.floor((cols[0] - 1) * scale)), min(frame_px, math.ceil((cols[-1] + 2) * scale))),
+    )
 
 
 _EFFECT_FACTOR = 4  # shadows and glows are smooth: computed at a quarter of the frame size
@@ -221,9 +246,10 @@ def _cast_shadow(canvas: FloatImage, placement: Placement, look: _Look) -> None:
     laid_down = np.float32([[1, -lean, lean * base], [0, squash, base * (1 - squash) + drop]])
     footprint = _fill_holes(alpha)
     cast = cv2.warpAffine(footprint, laid_down, (alpha.shape[1], alpha.shape[0]), flags=cv2.INTER_LINEAR)
-    cast = np.minimum(cv2.GaussianBlur(cast, (0, 0), max(0.5, look.cast_blur * size)) * 1.3, 1)
-    light = (1 - look.contact * contact) * (1 - look.cast * cast)
-    canvas *= _upsample(light, frame_px)[..., None]
+    cast = np.minimum(_blur(cast, look.cast_blur * size) * 1.3, 1)
+    shade = 1 - (1 - look.contact * contact) * (1 - look.cast * cast)
+    box = _effect_box(shade, frame_px)
+    canvas[box] *= 1 - _upsample(shade, frame_px)[box][..., None]
 
 
 def _fill_holes(alpha: FloatImage) -> FloatImage:
@@ -247,8 +273,10 @@ def _add_rim_glow(canvas: FloatImage, placement: Placement, colour: tuple[float,
     top, height = placement.y / _EFFECT_FACTOR, placement.piece.shape[0] / _EFFECT_FACTOR
     from_behind = np.clip(1 - 0.6 * (rows - top) / height, 0.35, 1)
     glow = (0.5 * np.minimum(near * 1.5, 1) + 0.5 * np.minimum(wide * 1.4, 1)) * from_behind
-    tint = np.float32(colour) * np.float32(0.55)
-    canvas[...] = 1 - (1 - canvas) * (1 - _upsample(glow, frame_px)[..., None] * tint)
+    box = _effect_box(glow, frame_px)
+    light = _upsample(glow, frame_px)[box][..., None] * (np.float32(colour) * np.float32(0.55))
+    region = canvas[box]
+    region += (1 - region) * light  # screen blend
 
 
 def _add_reflection(canvas: FloatImage, placement: Placement, strength: float) -> None:
@@ -267,8 +295,8 @@ def _add_reflection(canvas: FloatImage, placement: Placement, strength: float) -
     premultiplied = cv2.resize(mirrored[..., :3] * mirrored[..., 3:4], small_size, interpolation=cv2.INTER_AREA)
     rgba = np.dstack([premultiplied.reshape(*alpha.shape, 3), alpha])
     sigma = max(1.0, 0.006 * height / factor)
-    near = cv2.GaussianBlur(rgba, (0, 0), sigma)
-    far = cv2.GaussianBlur(rgba, (0, 0), sigma * 5)
+    near = _blur(rgba, sigma)
+    far = _blur(rgba, sigma * 5)
     distance = np.linspace(0, 1, alpha.shape[0], dtype=np.float32)[:, None, None]
     blurred = near * (1 - distance) + far * distance
     fade = strength * (1 - distance) ** 2
@@ -460,7 +488,7 @@ def _paint_stone(res: int) -> _Painting:
     facets = (np.float32(facets.mean()) - facets) / np.float32(max(float(facets.std()), 1e-6))
     facets = cv2.GaussianBlur(facets, (0, 0), res / 500)  # worn, not cut: no knife-edge creases
     grit = _fbm(rng, camera, res, 24.0, 2, gain=0.5)
-    height = swell + 0.4 * facets + 0.15 * grit
+    height = swell + 0.32 * facets + 0.12 * grit
     light = (-0.55, -0.6, 0.58)
     diffuse = _lambert(height, light, 0.025)
     gloss = _specular(height, light, 0.025, 30.0)
@@ -517,7 +545,7 @@ def _paint_velvet(res: int) -> _Painting:
     edge_on = np.clip(np.sqrt(slope_x * slope_x + slope_y * slope_y) * 1.5, 0, 1)
     sheen = 1.2 * (0.5 * _smoothstep(0.0, 2.0, crush + 0.3 * pile) + 0.5 * edge_on) * (0.4 + 0.6 * diffuse)
     sheen += 0.3 * _smoothstep(0.95, 1.4, depth)
-    rgb = _mix(_colour((34, 3, 13)), _colour((94, 12, 36)), diffuse)
+    rgb = _mix(_colour((32, 3, 13)), _colour((86, 11, 34)), diffuse)
     rgb = rgb + sheen[..., None] * _colour((96, 34, 48))
     # the cushion's back edge rounds away: a rim of sheen where the pile turns edge-on
     edge = 0.17 + 0.05 * (2 * x - 1) ** 2 - 0.02 * (2 * x - 1)
@@ -610,6 +638,6 @@ def _backdrop(scene: str, frame_px: int) -> ByteImage:
     grain *= np.float32(2.5)
     for channel, tint in enumerate(painting.grain_tint):
         rgb[..., channel] += grain * np.float32(tint)
-    out = _to_bytes(rgb)
+    out = _to_bytes(np.maximum(rgb, 0, out=rgb))
     out.setflags(write=False)
     return out

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import io
 import json
+import random
 import re
 import select
 import socket
@@ -29,6 +30,8 @@ import httpx
 import pytest
 from PIL import Image
 
+import images
+from errors import InputError
 from main import MULTIPART_OVERHEAD_BYTES, create_app
 from pipeline import Services
 from tests.conftest import REPO, jpeg_bytes, ring_photo
@@ -259,6 +262,43 @@ async def test_a_bomb_is_refused_before_anything_is_decoded(api: Api, entry: dic
     assert elapsed_s < 2.0, f"took {elapsed_s:.2f} s"
     assert peak_bytes < 16 * 2**20, f"Python allocated {peak_bytes:,} bytes at peak"
     await api.assert_nothing_stored()
+
+
+MUTATION_SEEDS = ["exif_orientation_6.jpg", "progressive.jpg", "grey.png", "still.webp", "alpha.webp", "still.heic"]
+
+
+# Pillow warns about some damaged metadata and carries on; this test is about what is raised.
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("seed_file", MUTATION_SEEDS)
+def test_a_mutated_photo_is_accepted_or_refused_never_a_crash(seed_file: str) -> None:
+    """Seeded bit flips, truncations and splices of valid photos: each one is a stored JPEG or an `InputError`
+    (a 4xx); anything else would be a 500."""
+    original = (CORPUS / seed_file).read_bytes()
+    rng = random.Random(seed_file)
+    crashes: list[str] = []
+    for _ in range(250):
+        data = bytearray(original)
+        match rng.randrange(4):
+            case 0:
+                for _ in range(rng.randint(1, 8)):
+                    data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            case 1:
+                data = data[: rng.randrange(len(data))]
+            case 2:
+                at = rng.randrange(len(data))
+                data[at:at] = rng.randbytes(rng.randint(1, 16))
+            case _:
+                at = rng.randrange(len(data))
+                data[at: at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff"])
+        try:
+            result = images.normalise_upload(bytes(data), max_pixels=40_000_000)
+        except InputError:
+            continue
+        except Exception as exc:  # anything but our own refusal is the bug this test looks for
+            crashes.append(f"{type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        assert result.jpeg.startswith(b"\xff\xd8\xff")
+    assert not crashes, f"{len(crashes)} of 250 mutants raised: {sorted(set(crashes))[:5]}"
 
 
 # ---- bodies over the limit ----------------------------------------------------------------------------------------
