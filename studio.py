@@ -43,6 +43,10 @@ EVIDENCE_THRESHOLD = 3.0  # departures beyond this many noise units are evidence
 BACKDROP_QUANTILE = 0.999  # the share of the backdrop that sits within the threshold
 CHROMA_NOISE_FLOOR = 0.4  # Lab units
 LEVEL_NOISE_FLOOR = 0.01  # log brightness
+CHROMA_FLOOR = 1.5  # Lab units: the least chroma departure that counts as the piece, however clean the backdrop
+SHADOW_TINT = 10.0  # Lab units of extra chroma tolerance per unit of shadow depth (light bounced off the piece)
+LEVEL_FLOOR = 0.02  # log brightness: the least brightening that counts
+THIN_FLOOR = 0.05  # log brightness: the least thin darkening that counts
 SEED_EVIDENCE = 4.0  # nats of field evidence that make a pixel a sure sample of the piece's colours
 MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
 SPECK_SHARE = 2e-5  # foreground components smaller than this share of the image are dropped
@@ -254,12 +258,14 @@ def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage, re
     closed = cv2.morphologyEx(clamped, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
     thin = closed - clamped
 
+    # Shadows on a real set pick up the colour of light bounced off the piece: the deeper, the more tint allowed.
+    depth = 1.0 - np.exp(closed)  # 0 lit .. about 0.45 at the deepest shadow explained (Lab scale)
+    chroma = chroma / (1.0 + depth * (SHADOW_TINT / CHROMA_FLOOR))
     z = np.zeros_like(chroma)
-    for channel, floor in ((chroma, 1.0), (above, LEVEL_NOISE_FLOOR), (thin, LEVEL_NOISE_FLOOR)):
+    for channel, floor in ((chroma, CHROMA_FLOOR), (above, LEVEL_FLOOR), (thin, THIN_FLOOR)):
         bar = max(floor, float(np.quantile(channel[reference], BACKDROP_QUANTILE)))
         z = np.maximum(z, channel * (EVIDENCE_THRESHOLD / bar))
     piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
-    depth = 1.0 - np.exp(closed)  # 0 lit .. about 0.45 at the deepest shadow explained (Lab scale)
     darker = brightness - lit < -EVIDENCE_THRESHOLD * lit_spread
     shadowed = np.where(darker, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
     return np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)).astype(np.float32)
