@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from scipy import ndimage
 
 ByteImage = npt.NDArray[np.uint8]
 FloatImage = npt.NDArray[np.float32]
@@ -160,7 +161,7 @@ class _Look:
     light_from: tuple[float, float]
     contact: float  # darkness of the occlusion along the piece's lower edge, 0..1
     cast: float  # darkness of the shadow laid on the ground in front of the piece, 0..1
-    cast_length: float  # that shadow's length, as a share of the piece's height
+    cast_length: float  # that shadow's length, as a share of the height above ground of what casts it
     cast_drop: float  # how far it starts below the base, as a share of the piece's longer side: more as light lowers
     cast_blur: float  # its blur sigma, same unit
     reflection: float  # opacity of the mirrored piece where it meets the surface; 0 on matte surfaces
@@ -222,36 +223,49 @@ def _upsample_box(effect: FloatImage, frame_px: int) -> tuple[tuple[slice, slice
     return box, full[box]
 
 
+def _ground_line(alpha: FloatImage, reach_px: float) -> FloatImage:
+    """Per column, the row where the piece meets the ground: its lowest row there, or the lowest within `reach_px`
+    columns either side (a part floating beside a lower one rests on the same ground), smoothed. Columns without
+    piece take their neighbours' value."""
+    present = alpha > 0.5
+    columns = np.flatnonzero(present.any(axis=0))
+    if columns.size == 0:
+        return np.full(alpha.shape[1], alpha.shape[0] - 1, np.float32)
+    lowest = alpha.shape[0] - 1 - np.argmax(present[::-1, columns], axis=0)
+    line = np.interp(np.arange(alpha.shape[1]), columns, lowest)
+    line = ndimage.maximum_filter1d(line, 2 * round(reach_px) + 1, mode="nearest")
+    return _f32(ndimage.gaussian_filter1d(line, max(0.5, reach_px / 2), mode="nearest"))
+
+
 def _add_shadows(canvas: FloatImage, placement: Placement, look: _Look) -> None:
     """Darken the surface where the piece meets it and where it blocks the key light.
 
-    Both shadows come from the piece's own silhouette. The contact occlusion is its lower rim (piece pixels with no
-    piece just below them, in the lower half of the piece), blurred wider than tall. The cast shadow is the
-    silhouette with its holes filled, laid down on the ground: squashed towards its base to `cast_length`, leaning
-    and dropping away from the light, blurred; so it pools under the piece and reaches out on the far side.
+    Both shadows come from the piece's own silhouette and its ground line (`_ground_line`), so each part of a piece
+    (two earrings) is grounded where it stands. The contact occlusion is the silhouette's lower rim (piece pixels
+    with no piece just below them, near the ground line), blurred wider than tall. The cast shadow is the silhouette
+    with its holes filled, laid down on the ground: squashed towards the ground line to `cast_length`, leaning and
+    dropping away from the light, blurred; so it pools under the piece and reaches out on the far side.
     """
     frame_px = canvas.shape[0]
     alpha = _frame_alpha(placement, frame_px)
     height, width = (side / _EFFECT_FACTOR for side in placement.piece.shape[:2])
     size = max(height, width)
-    base = (placement.y + placement.piece.shape[0]) / _EFFECT_FACTOR
-    away_x = -look.light_from[0]
+    ground = _ground_line(alpha, 0.06 * width)[None, :]
+    rows, cols = (_f32(grid) for grid in np.indices(alpha.shape))
 
     gap = max(1, round(0.02 * size))
     below = np.zeros_like(alpha)
     below[:-gap] = alpha[gap:]
-    rows = np.arange(alpha.shape[0], dtype=np.float32)[:, None]
-    rim = np.clip(alpha - below, 0, 1) * _smoothstep(base - 0.5 * height, base - 0.1 * height, rows)
-    rim = _blur(_shift(rim, 0.3 * gap * away_x, 0.5 * gap), 0.6 * gap)
+    rim = np.clip(alpha - below, 0, 1) * _smoothstep(-0.5 * height, -0.1 * height, rows - ground)
+    rim = _blur(_shift(rim, -0.3 * gap * look.light_from[0], 0.5 * gap), 0.6 * gap)
     contact = np.minimum(_f32(cv2.GaussianBlur(rim, (0, 0), sigmaX=1.5 * gap, sigmaY=0.5 * gap)) * 2.5, 1)
 
-    lean = 0.6 * look.cast_length * away_x
-    squash = look.cast_length
-    laid_down = np.array(
-        [[1, -lean, lean * base], [0, squash, base * (1 - squash) + look.cast_drop * size]], np.float32
-    )
-    cast = cv2.warpAffine(_fill_holes(alpha), laid_down, (alpha.shape[1], alpha.shape[0]), flags=cv2.INTER_LINEAR)
-    cast = np.minimum(_blur(_f32(cast), look.cast_blur * size) * 1.3, 1)
+    # where on the silhouette each ground pixel's shadow comes from: the inverse of "squash towards the ground line,
+    # drop, lean away from the light by the height above ground"
+    source_rows = ground + (rows - look.cast_drop * size - ground) / look.cast_length
+    source_cols = cols + 0.6 * look.cast_length * look.light_from[0] * (ground - source_rows)
+    cast = _f32(cv2.remap(_fill_holes(alpha), source_cols, source_rows, cv2.INTER_LINEAR))
+    cast = np.minimum(_blur(cast, look.cast_blur * size) * 1.3, 1)
 
     box, shade = _upsample_box(1 - (1 - look.contact * contact) * (1 - look.cast * cast), frame_px)
     canvas[box] *= (1 - shade)[..., None]
@@ -285,26 +299,29 @@ def _add_rim_glow(canvas: FloatImage, placement: Placement, colour: tuple[float,
 
 
 def _add_reflection(canvas: FloatImage, placement: Placement, strength: float) -> None:
-    """The piece mirrored about its lowest row, fading and blurring with distance, as on a polished surface."""
+    """The piece mirrored about its ground line (`_ground_line`), fading and blurring with distance, as on a polished
+    surface. Worked out at half size: it is blurred anyway."""
     frame_px = canvas.shape[0]
     piece = placement.piece
     height, width = piece.shape[:2]
-    base = placement.y + height
-    reach = min(frame_px - base, round(0.4 * height))
-    if reach < 4:
+    extent = min(frame_px - placement.y, round(1.4 * height))  # the piece and room below it for the reflection
+    small_w, small_h = max(1, width // 2), max(1, extent // 2)
+    reach = 0.2 * height  # 40 % of the piece's height, in half-size pixels
+    if extent - height < 8:
         return
-    mirrored = _f32(piece[height - reach :][::-1]) * np.float32(1 / 255)
-    # worked out at half size: it is blurred anyway
-    small_size = (max(1, width // 2), max(1, reach // 2))
-    alpha = _f32(cv2.resize(mirrored[..., 3], small_size, interpolation=cv2.INTER_AREA))
-    premultiplied = _f32(cv2.resize(mirrored[..., :3] * mirrored[..., 3:4], small_size, interpolation=cv2.INTER_AREA))
-    rgba = np.dstack([premultiplied.reshape(*alpha.shape, 3), alpha])
+    rgba = np.zeros((extent, width, 4), np.float32)
+    rgba[:height, :, 3] = _f32(piece[..., 3]) * np.float32(1 / 255)
+    rgba[:height, :, :3] = _f32(piece[..., :3]) * (rgba[:height, :, 3:4] * np.float32(1 / 255))
+    small = _f32(cv2.resize(rgba, (small_w, small_h), interpolation=cv2.INTER_AREA)).reshape(small_h, small_w, 4)
+    ground = _ground_line(small[..., 3], 0.06 * small_w)[None, :]
+    rows, cols = (_f32(grid) for grid in np.indices((small_h, small_w)))
+    mirrored = _f32(cv2.remap(small, cols, 2 * ground - rows, cv2.INTER_LINEAR))
+    distance = np.clip((rows - ground) / np.float32(reach), 0, 1)[..., None]
     sigma = max(1.0, 0.003 * height)
-    distance = np.linspace(0, 1, alpha.shape[0], dtype=np.float32)[:, None, None]
-    blurred = _blur(rgba, sigma) * (1 - distance) + _blur(rgba, sigma * 5) * distance
-    faded = blurred * (np.float32(strength) * (1 - distance) ** 2)
-    full = _f32(cv2.resize(faded, (width, reach), interpolation=cv2.INTER_LINEAR)).reshape(reach, width, 4)
-    region = canvas[base : base + reach, placement.x : placement.x + width]
+    blurred = _blur(mirrored, sigma) * (1 - distance) + _blur(mirrored, sigma * 5) * distance
+    faded = blurred * (np.float32(strength) * (1 - distance) ** 2 * (rows > ground)[..., None])
+    full = _f32(cv2.resize(faded, (width, extent), interpolation=cv2.INTER_LINEAR)).reshape(extent, width, 4)
+    region = canvas[placement.y : placement.y + extent, placement.x : placement.x + width]
     region *= 1 - full[..., 3:4]
     region += full[..., :3]
 
@@ -604,7 +621,7 @@ def _paint_charcoal(res: int) -> _Painting:
     spill = np.exp(-(radius * radius) / (2 * 0.55**2))
     gradient = 0.08 - 0.035 * y
     vignette = 1 - 0.55 * _smoothstep(0.35, 0.85, np.sqrt((x - 0.5) ** 2 + (y - 0.5) ** 2))
-    luminance = (gradient + 0.04 * spill + 0.2 * pool) * vignette * (1 + 0.07 * mottle)
+    luminance = (gradient + 0.04 * spill + 0.2 * pool) * vignette * (1 + 0.12 * mottle)
     rgb = luminance[..., None] * _colour((255, 252, 248))
     rgb = _depth_of_field(rgb, _smoothstep(1.05, 1.4, depth), 0.004)
     return _Painting(rgb=rgb, grain=_f32(0.005 + 0.01 * pool), grain_tint=(1.0, 1.0, 1.0))

@@ -43,18 +43,42 @@ EVIDENCE_THRESHOLD = 3.0  # departures beyond this many noise units are evidence
 BACKDROP_QUANTILE = 0.999  # the share of the backdrop that sits within the threshold
 CHROMA_NOISE_FLOOR = 0.4  # Lab units
 LEVEL_NOISE_FLOOR = 0.01  # log brightness
-CHROMA_FLOOR = 1.5  # Lab units: the least chroma departure that counts as the piece, however clean the backdrop
-SHADOW_TINT = 10.0  # Lab units of extra chroma tolerance per unit of shadow depth (light bounced off the piece)
+CHROMA_FLOOR = 1.0  # Lab units: the least chroma departure that counts as the piece, however clean the backdrop
+SHADOW_BOUNCE = 0.3  # the most light a shadow may get bounced off the piece, relative to the backdrop's own
+SHADOW_TINT = 3.0  # Lab units of extra chroma tolerance per unit of shadow depth (light bounced off the piece)
 LEVEL_FLOOR = 0.02  # log brightness: the least brightening that counts
 THIN_FLOOR = 0.05  # log brightness: the least thin darkening that counts
 SEED_EVIDENCE = 4.0  # nats of field evidence that make a pixel a sure sample of the piece's colours
+THIN_MATTE = 0.0
+SOLID_MATTE = 3.0  # parts at least this many band widths thick keep their labels' alpha a little way in...
+MATTE_LABEL_MARGIN = 0.5  # ...where the guided-filtered labels exceed this  # parts of the labels thinner than this many band widths are matted throughout
+MATTE_OFF_LINE = 0.3  # off-line distance, as a share of the backdrop-to-piece distance, that halves the trust
+MATTE_SIDE_PX = 1024  # backdrop and piece colours for the matte are estimated at this size at most
 MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
-SPECK_SHARE = 2e-5  # foreground components smaller than this share of the image are dropped
+SPECK_SHARE = 2e-5  # foreground components smaller than this share of the image are dropped...
+SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
+MATTE_FG_POWERS = (1.0, 4.0)
+FIELD_FINEST = 1 / 32
+EVIDENCE_TAIL = 0.0
+OUTLINE_QUANTILE = 0.99
+OUTLINE_SHARE = 0.2
+CLOSE_OUTLINE = True
+SLIVERS = False
+SHADED_FILL = False
+SHADED_QUANTILE = 0.95
+OUTLINE_REACH = 0.04  # edges this far (share of the image side) from the piece may close its outline
+HOLE_MIN_RADIUS = 0.025  # enclosed regions narrower than this share of the image side are part of the piece
+HOLE_MAX_BUSY = 0.1  # enclosed regions with more steep pixels than this share are part of the piece
+LIT_MARGIN = 3.0  # noise units below the field at which a background pixel counts as shadowed
+MIN_PIECE_PX = 10  # at the segmentation size; fewer and the photo is taken to show no piece
 COLOUR_CAP = 3.0  # nats the learnt colour mixtures can add for either side
 SHADOW_MIN_WIDTH = 0.012  # darkening narrower than this share of the image side is not a shadow
 TEXTURE_CAP = 0.0  # nats the local gradient energy can add for either side
+TEXTURE_PRESMOOTH = 1.0  # px at the segmentation size
+TEXTURE_SCALE = 2.0  # px
 GMM_COMPONENTS = 5
-SMOOTHNESS = 2.0  # weight of the contrast-sensitive pairwise term, in nats per neighbour pair
+CONTRAST_WHOLE_IMAGE = True
+SMOOTHNESS = 30.0  # weight of the contrast-sensitive pairwise term, in nats per neighbour pair
 UNARY_CAP = 12.0  # nats; keeps one odd pixel from outvoting its neighbourhood
 CUT_ROUNDS = 3
 CAPACITY_SCALE = 64  # max-flow works on integers
@@ -101,14 +125,15 @@ class Mixture:
     log_norms: npt.NDArray[np.float64]
 
     def cost(self, lab: FloatImage) -> FloatImage:
-        """-log density per pixel (nats), H×W."""
-        flat = lab.reshape(-1, 3).astype(np.float64)
-        best = np.full(flat.shape[0], np.inf)
+        """-log density per pixel (nats), H×W (the best component's, a close upper bound)."""
+        flat = lab.reshape(-1, 3)
+        best = np.full(flat.shape[0], np.inf, np.float32)
         for k in range(self.weights.size):
-            d = flat - self.means[k]
-            maha = np.einsum("ni,ij,nj->n", d, self.precisions[k], d)
-            best = np.minimum(best, 0.5 * maha - self.log_norms[k] - np.log(self.weights[k]))
-        return best.reshape(lab.shape[:2]).astype(np.float32)
+            whiten = np.linalg.cholesky(self.precisions[k]).astype(np.float32)  # precision = whiten @ whiten.T
+            d = (flat - self.means[k].astype(np.float32)) @ whiten
+            offset = np.float32(-self.log_norms[k] - np.log(self.weights[k]))
+            np.minimum(best, 0.5 * np.einsum("ni,ni->n", d, d) + offset, out=best)
+        return best.reshape(lab.shape[:2])
 
 
 def fit_mixture(samples: npt.NDArray[np.float32], components: int, floor: float) -> Mixture:
@@ -160,6 +185,20 @@ def normalised_blur(values: FloatImage, weights: FloatImage, sigma: float) -> tu
     return v.reshape(values.shape), m
 
 
+def lit_field(lab: FloatImage, background: BoolImage) -> FloatImage:
+    """The backdrop field as lit, without its shadows: background pixels clearly darker than a first fit are left
+    out of a second, so shadows are explained as shadows rather than pulling the field down (which would make the
+    lit backdrop next to them look like a highlight)."""
+    field = backdrop_field(lab, background)
+    brightness = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
+    values = brightness[background]
+    spread = max(0.01, float(np.median(np.abs(values - np.median(values)))) * 1.4826)
+    lit = background & (brightness > 1.0 - LIT_MARGIN * spread)
+    if np.count_nonzero(lit) < 0.5 * np.count_nonzero(background):
+        return field
+    return backdrop_field(lab, lit)
+
+
 def polynomial_field(lab: FloatImage, background: BoolImage) -> FloatImage:
     """A quadratic surface per channel fitted to the background pixels: light falloff, a spot's bright centre."""
     h, w = background.shape
@@ -184,7 +223,7 @@ def polynomial_field(lab: FloatImage, background: BoolImage) -> FloatImage:
     return (grid @ coef).astype(np.float32)
 
 
-def backdrop_field(lab: FloatImage, background: BoolImage, finest: float = 1 / 96) -> FloatImage:
+def backdrop_field(lab: FloatImage, background: BoolImage, finest: float | None = None) -> FloatImage:
     """The backdrop's colour everywhere: a quadratic surface, refined by interpolating the background pixels'
     departures from it, wide blurs first, finer ones where there is enough background nearby (push-pull)."""
     base = polynomial_field(lab, background)
@@ -192,6 +231,7 @@ def backdrop_field(lab: FloatImage, background: BoolImage, finest: float = 1 / 9
     weights = background.astype(np.float32)
     side = max(lab.shape[:2])
     field = np.zeros_like(lab)
+    finest = FIELD_FINEST if finest is None else finest
     for sigma in (s * side for s in (1 / 8, 1 / 32, 1 / 96) if s >= finest):
         num, den = normalised_blur(departure, weights, sigma)
         prior = 0.05
@@ -229,7 +269,9 @@ def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float,
     return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
 
 
-def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage, reference: BoolImage) -> FloatImage:
+def field_evidence(
+    lab: FloatImage, field: FloatImage, background: BoolImage, reference: BoolImage, piece: FloatImage | None = None
+) -> FloatImage:
     """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field.
 
     Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
@@ -246,7 +288,21 @@ def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage, re
     if sample.shape[0] > 20000:
         sample = sample[:: sample.shape[0] // 20000 + 1]
     precision = np.linalg.inv(np.cov(sample.T.astype(np.float64)) + np.eye(3) * CHROMA_NOISE_FLOOR**2)
-    chroma = np.sqrt(np.einsum("...i,ij,...j->...", across, precision.astype(np.float32), across))
+    whiten = np.linalg.cholesky(precision).astype(np.float32)
+    whitened = across @ whiten
+    chroma = np.sqrt((whitened * whitened).sum(-1))
+    if piece is not None:
+        # A contact shadow is lit partly by light bounced off the piece: the backdrop colour scaled down plus a
+        # little of the piece's colour. Within that cone the chroma departure doesn't count.
+        o = piece + np.array([16.0, 0, 0], np.float32)
+        ff, oo, fo = (f * f).sum(-1), (o * o).sum(-1), (f * o).sum(-1)
+        vf, vo = (v * f).sum(-1), (v * o).sum(-1)
+        det = np.maximum(ff * oo - fo * fo, 1e-6)
+        m = (vf * oo - vo * fo) / det
+        t = (vo * ff - vf * fo) / det
+        tinted = (m > 0.3) & (t >= 0) & (t <= SHADOW_BOUNCE * m) & (m + t * np.sqrt(oo / np.maximum(ff, 1e-6)) < 1.0)
+        rest = (v - m[..., None] * f - t[..., None] * o) @ whiten
+        chroma = np.where(tinted, np.minimum(chroma, np.sqrt((rest * rest).sum(-1))), chroma).astype(np.float32)
 
     brightness = np.log(np.maximum(level, 1e-3)).astype(np.float32)
     lit, lit_spread = robust_spread(brightness[reference], LEVEL_NOISE_FLOOR)
@@ -255,20 +311,37 @@ def field_evidence(lab: FloatImage, field: FloatImage, background: BoolImage, re
     darkest = np.log(SHADOW_MIN_SCALE)
     clamped = np.clip(brightness - lit, darkest, 0).astype(np.float32)
     reach = max(3, round(SHADOW_MIN_WIDTH * max(lab.shape[:2]))) | 1
-    closed = cv2.morphologyEx(clamped, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
-    thin = closed - clamped
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach))
+    closed = cv2.morphologyEx(clamped, cv2.MORPH_CLOSE, disk)
 
     # Shadows on a real set pick up the colour of light bounced off the piece: the deeper, the more tint allowed.
     depth = 1.0 - np.exp(closed)  # 0 lit .. about 0.45 at the deepest shadow explained (Lab scale)
     chroma = chroma / (1.0 + depth * (SHADOW_TINT / CHROMA_FLOOR))
     z = np.zeros_like(chroma)
-    for channel, floor in ((chroma, CHROMA_FLOOR), (above, LEVEL_FLOOR), (thin, THIN_FLOOR)):
+    for channel, floor in ((chroma, CHROMA_FLOOR), (above, LEVEL_FLOOR)):
         bar = max(floor, float(np.quantile(channel[reference], BACKDROP_QUANTILE)))
         z = np.maximum(z, channel * (EVIDENCE_THRESHOLD / bar))
-    piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
+    # Thin darkening is a chain or a prong only between backdrop on both sides: along the piece's own edge it is
+    # its contact shadow. So the piece (by its other evidence) walls the valleys in before they are closed.
+    walled = np.where(z > EVIDENCE_THRESHOLD, darkest, clamped).astype(np.float32)
+    thin = np.where(z > EVIDENCE_THRESHOLD, 0, cv2.morphologyEx(walled, cv2.MORPH_CLOSE, disk) - clamped)
+    bar = max(THIN_FLOOR, float(np.quantile(thin[reference], BACKDROP_QUANTILE)))
+    z = np.maximum(z, thin * (EVIDENCE_THRESHOLD / bar))
+    if EVIDENCE_TAIL > 0:  # heavy-tailed (Student-t like): textures and shadows make outliers common
+        nu = EVIDENCE_TAIL
+        piece = 0.5 * (nu + 1) * np.log((1 + z * z / nu) / (1 + EVIDENCE_THRESHOLD**2 / nu))
+    else:
+        piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
     darker = brightness - lit < -EVIDENCE_THRESHOLD * lit_spread
     shadowed = np.where(darker, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
     return np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)).astype(np.float32)
+
+
+def piece_field(lab: FloatImage, foreground: BoolImage) -> FloatImage:
+    """The piece's local colour near every pixel (its colour overall where none of it is near)."""
+    num, den = normalised_blur(lab, foreground.astype(np.float32), max(lab.shape[:2]) / 64)
+    overall = lab[foreground].mean(0)
+    return ((num + 1e-3 * overall) / (den + 1e-3)[..., None]).astype(np.float32)
 
 
 def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -281,11 +354,14 @@ def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def texture_energy(lab: FloatImage) -> FloatImage:
-    """log of the local gradient energy: cut stones and engraving are busier than most backdrops."""
-    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
-    energy = (gx * gx + gy * gy) @ np.array([1.0, 0.5, 0.5], np.float32)
-    return np.log(cv2.GaussianBlur(energy, (0, 0), 1.5) + 1.0)
+    """log of the local gradient energy of the lightly smoothed image: curved polished metal shades continuously
+    where a backdrop is flat, even where both show the same colour. Smoothing first keeps sensor and render noise
+    out of it."""
+    smooth = cv2.GaussianBlur(lab, (0, 0), TEXTURE_PRESMOOTH)
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+    magnitude = np.sqrt((gx * gx + gy * gy) @ np.array([1.0, 0.5, 0.5], np.float32))
+    return np.log(cv2.GaussianBlur(magnitude, (0, 0), TEXTURE_SCALE) + 0.05)
 
 
 def normal_llr(values: FloatImage, background: BoolImage, foreground: BoolImage, cap: float) -> FloatImage:
@@ -306,35 +382,139 @@ def segment(small: ByteImage) -> Segmentation:
     energy = texture_energy(lab)
     foreground = np.zeros(shape, bool)
     field = lab
-    # First guess at the backdrop: everything but clear outliers, so the field can follow folds and falloff that
-    # the border alone can't predict; calibrated on the border, which the piece rarely reaches.
-    background = np.ones(shape, bool)
-    for _ in range(2):
-        field = backdrop_field(lab, background, finest=1 / 32)
-        evidence = field_evidence(lab, field, background, border)
-        background = ~cv2.dilate((evidence > SEED_EVIDENCE).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    # First guess at the piece: what departs from a coarse field predicted from the border alone, kept only where
+    # it has a visible outline (a fold in velvet or a swell of light departs too, but softly).
+    field = backdrop_field(lab, border, finest=1 / 8)
+    evidence = field_evidence(lab, field, border, border)
+    seeds = outlined(evidence > SEED_EVIDENCE, steep_edges(lab, border))
+    background = ~cv2.dilate(seeds.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    previous = foreground
+    unary = np.zeros(shape, np.float32)
     for round_ in range(CUT_ROUNDS):
-        field = backdrop_field(lab, background)
-        unary = field_evidence(lab, field, background, background)
+        field = lit_field(lab, background)
+        piece = piece_field(lab, foreground) if round_ and SHADOW_BOUNCE > 0 else None
+        unary = field_evidence(lab, field, background, background, piece)
         seeds = unary > SEED_EVIDENCE
-        if np.count_nonzero(seeds) < 10:
-            return Segmentation(np.zeros(shape, bool), field, 0.0)
         known = foreground if round_ else seeds
+        if np.count_nonzero(known) < MIN_PIECE_PX:
+            return Segmentation(np.zeros(shape, bool), field, 0.0)
         bg_colours = fit_mixture(shadowed_samples(lab[background]), GMM_COMPONENTS, floor=1.0)
         fg_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
         unary += np.clip(bg_colours.cost(lab) - fg_colours.cost(lab), -COLOUR_CAP, COLOUR_CAP)
         unary += normal_llr(energy, background, known, TEXTURE_CAP)
         unary[border & (unary < 0)] = -1e3
+        previous = foreground
         foreground = drop_specks(graph_cut(unary, pairwise))
+        steep = steep_edges(lab, background)
+        foreground = outlined(foreground, steep)
+        if CLOSE_OUTLINE:
+            foreground = close_outline(foreground, steep, energy)
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    return Segmentation(foreground, field, confidence=0.5)
+    if np.count_nonzero(foreground) < MIN_PIECE_PX:
+        return Segmentation(np.zeros(shape, bool), field, 0.0)
+    return Segmentation(foreground, field, assess(foreground, previous, unary, border))
+
+
+def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border: BoolImage) -> float:
+    """How clean the cut-out is likely to be, 0..1, from what the segmentation itself shows: labels that kept
+    moving between rounds, a boundary region where the evidence is weak or contradicts the labels, piece touching
+    the image border (a backdrop that didn't fit, or a crop), an implausible size, and many fragments."""
+    area = np.count_nonzero(foreground) / foreground.size
+    union = np.count_nonzero(foreground | previous)
+    stability = np.count_nonzero(foreground & previous) / union if union else 0.0
+    ring = cv2.dilate(foreground.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    ring &= ~cv2.erode(foreground.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    agrees = np.where(foreground, unary > 1.0, unary < -1.0)
+    clarity = np.count_nonzero(agrees & ring) / max(1, np.count_nonzero(ring))
+    touching = np.count_nonzero(foreground & border) / max(1, np.count_nonzero(border))
+    framing = float(np.clip(1.0 - 8.0 * touching, 0.0, 1.0))
+    size = float(np.clip((area - 2e-4) / 1e-3, 0, 1) * np.clip((0.6 - area) / 0.25, 0, 1))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    dust = float(areas[areas < 0.01 * areas.sum()].sum() / max(1, areas.sum()))
+    fragments = float(np.clip(1.0 - 10.0 * dust, 0.0, 1.0))
+    return float(np.clip(stability**2 * clarity * framing * size * fragments, 0.0, 1.0))
+
+
+def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
+    """Pixels whose gradient is steeper than nearly all of the backdrop's own."""
+    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
+    steepness = np.sqrt((gx * gx + gy * gy).sum(-1))
+    return steepness > np.quantile(steepness[reference], OUTLINE_QUANTILE)
+
+
+def close_outline(foreground: BoolImage, steep: BoolImage, energy: FloatImage) -> BoolImage:
+    """Fill what the piece's outline encloses, except true holes.
+
+    Polished metal can mirror the backdrop so exactly that only its outline shows; an edge next to the piece closes
+    such regions. An enclosed region stays background (the inside of a ring, a chain loop) if it is wide and as
+    smooth as the backdrop; a thin sliver between outlines, or a busy region (the facets of a clear stone), is
+    filled."""
+    side = max(foreground.shape)
+    near = cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    reach = max(3, round(OUTLINE_REACH * side)) | 1
+    around = cv2.dilate(foreground.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
+    edges = (steep & (around > 0)).astype(np.uint8)
+    count, labels = cv2.connectedComponents(edges, connectivity=8)
+    touching = np.zeros(count, bool)
+    touching[labels[near & (edges > 0)]] = True
+    touching[0] = False
+    outline = touching[labels]
+    closed = foreground | outline
+    count, labels = cv2.connectedComponents((~closed).astype(np.uint8), connectivity=4)
+    outside = np.zeros(count, bool)
+    outside[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+    depth = cv2.distanceTransform((~closed).astype(np.uint8), cv2.DIST_L2, 3)
+    widest = np.zeros(count, np.float32)
+    np.maximum.at(widest, labels.ravel(), depth.ravel())
+    inner = depth > 2.0  # the enclosing edges bleed a pixel or two into the region
+    size = np.bincount(labels[inner], minlength=count).astype(np.float64)
+    busy = np.bincount(labels[inner], weights=steep[inner], minlength=count) / np.maximum(size, 1)
+    fill = ~outside & ((widest < HOLE_MIN_RADIUS * side) | (busy > HOLE_MAX_BUSY))
+    fill[0] = False
+    filled = fill[labels] & ~closed
+    if SHADED_FILL:  # backdrop seen through the piece is as flat as the backdrop outside; curved metal is not
+        enclosed = ~outside[labels] & ~closed
+        exterior = outside[labels] & ~closed
+        if np.count_nonzero(exterior) > 100 and np.any(enclosed):
+            busy_energy = float(np.quantile(energy[exterior], SHADED_QUANTILE))
+            shaded = (enclosed & (energy > busy_energy)).astype(np.uint8)
+            shaded = cv2.morphologyEx(shaded, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+            filled |= shaded
+    if SLIVERS:  # narrow parts of any open region, even one that leaks to a wide hole or outside through a gap
+        radius = max(2, round(HOLE_MIN_RADIUS * side))
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        open_space = (~closed).astype(np.uint8)
+        wide = cv2.morphologyEx(open_space, cv2.MORPH_OPEN, disk, borderType=cv2.BORDER_REPLICATE).astype(bool)
+        filled |= ~closed & ~wide
+    return foreground | filled | (outline & fill_adjacent(filled))
+
+
+def fill_adjacent(region: BoolImage) -> BoolImage:
+    return cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def outlined(candidates: BoolImage, steep: BoolImage) -> BoolImage:
+    """The candidate regions whose outline is an edge: at least a share of their boundary is steep."""
+    grown = cv2.dilate(candidates.astype(np.uint8), np.ones((3, 3), np.uint8))
+    count, labels = cv2.connectedComponents(grown, connectivity=8)
+    rim = (cv2.morphologyEx(grown, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0) & (labels > 0)
+    rim_total = np.bincount(labels[rim], minlength=count)
+    rim_steep = np.bincount(labels[rim], weights=steep[rim], minlength=count)
+    keep = rim_steep >= OUTLINE_SHARE * np.maximum(rim_total, 1)
+    keep[0] = False
+    return candidates & keep[labels]
 
 
 def drop_specks(mask: BoolImage) -> BoolImage:
-    """Remove foreground components too small to be part of a piece (noise, dust, a stray texture blob)."""
+    """Remove foreground components too small to be part of a piece (noise, dust, a stray texture blob): below a
+    floor in pixels, or tiny beside the largest component."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    smallest = max(6, round(SPECK_SHARE * mask.size))
-    keep = stats[:, cv2.CC_STAT_AREA] >= smallest
+    areas = stats[:, cv2.CC_STAT_AREA]
+    largest = int(areas[1:].max()) if count > 1 else 0
+    smallest = max(6, round(SPECK_SHARE * mask.size), round(SPECK_RELATIVE * largest))
+    keep = areas >= smallest
     keep[0] = False
     return keep[labels]
 
@@ -350,29 +530,48 @@ def contrast_weights(lab: FloatImage, reference: BoolImage) -> Pairwise:
     expensive to separate."""
     dx = ((lab[:, 1:] - lab[:, :-1]) ** 2).sum(-1)
     dy = ((lab[1:] - lab[:-1]) ** 2).sum(-1)
-    typical = float(np.mean(np.concatenate([dx[reference[:, 1:]], dy[reference[1:]]]))) + 1e-3
+    if CONTRAST_WHOLE_IMAGE:
+        typical = float(np.mean(np.concatenate([dx.ravel(), dy.ravel()]))) + 1e-3
+    else:
+        typical = float(np.mean(np.concatenate([dx[reference[:, 1:]], dy[reference[1:]]]))) + 1e-3
     beta = 1.0 / (2.0 * typical)
     return Pairwise(SMOOTHNESS * np.exp(-beta * dx), SMOOTHNESS * np.exp(-beta * dy))
 
 
 def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
-    """Minimum cut: True where labelling foreground is cheaper. `unary` > 0 favours foreground."""
+    """Minimum cut: True where labelling foreground is cheaper. `unary` > 0 favours foreground.
+
+    The graph is built directly in CSR form: each pixel row lists its up, left, right and down neighbours and the
+    sink, in that (ascending) order; the source row lists every pixel."""
     h, w = unary.shape
     n = h * w
     source, sink = n, n + 1
     index = np.arange(n).reshape(h, w)
-    right = np.round(pairwise.right * CAPACITY_SCALE).astype(np.int32).ravel()
-    down = np.round(pairwise.down * CAPACITY_SCALE).astype(np.int32).ravel()
+    right = np.zeros((h, w), np.int32)
+    right[:, :-1] = np.round(pairwise.right * CAPACITY_SCALE)
+    down = np.zeros((h, w), np.int32)
+    down[:-1] = np.round(pairwise.down * CAPACITY_SCALE)
+    left = np.zeros((h, w), np.int32)
+    left[:, 1:] = right[:, :-1]
+    up = np.zeros((h, w), np.int32)
+    up[1:] = down[:-1]
+    to_sink = np.round(np.maximum(-unary, 0) * CAPACITY_SCALE).astype(np.int32)
     to_source = np.round(np.maximum(unary, 0) * CAPACITY_SCALE).astype(np.int32).ravel()
-    to_sink = np.round(np.maximum(-unary, 0) * CAPACITY_SCALE).astype(np.int32).ravel()
-    a_r, b_r = index[:, :-1].ravel(), index[:, 1:].ravel()
-    a_d, b_d = index[:-1].ravel(), index[1:].ravel()
-    all_nodes = index.ravel()
-    rows = np.concatenate([a_r, b_r, a_d, b_d, np.full(n, source), all_nodes])
-    cols = np.concatenate([b_r, a_r, b_d, a_d, all_nodes, np.full(n, sink)])
-    caps = np.concatenate([right, right, down, down, to_source, to_sink])
-    keep = caps > 0
-    graph = csr_matrix((caps[keep], (rows[keep], cols[keep])), shape=(n + 2, n + 2))
+    columns = np.stack([index - w, index - 1, index + 1, index + w, np.full((h, w), sink)], axis=-1).reshape(n, 5)
+    capacities = np.stack([up, left, right, down, to_sink], axis=-1).reshape(n, 5)
+    valid = np.ones((h, w, 5), bool)
+    valid[0, :, 0] = False
+    valid[:, 0, 1] = False
+    valid[:, -1, 2] = False
+    valid[-1, :, 3] = False
+    valid = valid.reshape(n, 5)
+    indptr = np.zeros(n + 3, np.int64)
+    indptr[1 : n + 1] = np.cumsum(valid.sum(1))
+    indptr[n + 1] = indptr[n] + n
+    indptr[n + 2] = indptr[n + 1]
+    indices = np.concatenate([columns[valid], np.arange(n)]).astype(np.int32)
+    data = np.concatenate([capacities[valid], to_source]).astype(np.int32)
+    graph = csr_matrix((data, indices, indptr), shape=(n + 2, n + 2))
     flow = maximum_flow(graph, source, sink).flow
     residual = (graph - flow).tocsr()
     residual.data[residual.data < 0] = 0
@@ -399,42 +598,109 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
 
     In a band around the label boundary (as wide as the segmentation's pixels, plus a margin), alpha solves the
     matting equation I = a F + (1 - a) B with B the local backdrop colour (from sure-background pixels nearby) and F
-    the local piece colour (sure-foreground pixels, or in a thin chain the band pixels least like the backdrop).
-    Where F and B are too alike for that to be stable, a guided filter of the labels takes over."""
+    the local piece colour (from the pixels least like the backdrop nearby, so a chain thinner than the band still
+    has one). Where F and B are too alike for that to be stable, a guided filter of the labels takes over.
+    B, F and the fallback are smooth, so they are estimated at no more than MATTE_SIDE_PX and interpolated; the
+    equation itself is solved at every band pixel of the full image."""
     height, width = rgb.shape[:2]
+    scale = min(1.0, MATTE_SIDE_PX / max(height, width))
+    size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    image = work.astype(np.float32)
     small_h, small_w = segmentation.foreground.shape
-    upscale = max(height / small_h, width / small_w)
-    image = rgb.astype(np.float32)
-    labels = cv2.resize(segmentation.foreground.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    upscale = max(size[1] / small_h, size[0] / small_w)
+    labels = cv2.resize(segmentation.foreground.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     reach = int(np.ceil(upscale)) + 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
-    sure_fg = cv2.erode(labels, kernel).astype(np.float32)
+    sure_fg = cv2.erode(labels, kernel)
+    # In thin parts (a chain, a prong, a wire) every pixel is solved from the matting equation: the labels of a
+    # structure a few pixels wide are too coarse to trust any of it as solid.
+    thickness = cv2.distanceTransform(labels, cv2.DIST_L2, 3)
+    spine = cv2.dilate(thickness, kernel)
+    sure_fg = (sure_fg & (cv2.dilate(spine, kernel) > THIN_MATTE * reach)).astype(np.float32)
+    # Where the piece is wide, its labels are trusted a little way in from their edge: polished metal can match the
+    # backdrop's colour right up to an outline the colours alone cannot place.
+    solid = (cv2.dilate(spine, kernel) > SOLID_MATTE * reach).astype(np.float32)
     sure_bg = cv2.erode(1 - labels, kernel).astype(np.float32)
     unknown = (1 - sure_fg) * (1 - sure_bg)
 
     sigma = 1.5 * reach
     backdrop, bg_mass = local_mean(image, sure_bg, sigma)
-    far_backdrop, _ = local_mean(image, sure_bg, 6 * sigma)
+    field_rgb = cv2.cvtColor(segmentation.backdrop_lab, cv2.COLOR_LAB2RGB) * 255.0
+    field_rgb = cv2.resize(field_rgb, size, interpolation=cv2.INTER_LINEAR)
     near = np.clip(bg_mass / 0.05, 0, 1)[..., None]
-    backdrop = near * backdrop + (1 - near) * far_backdrop
+    backdrop = near * backdrop + (1 - near) * field_rgb
+    # Weighting by unlikeness to the backdrop: a too-wide label band or a chain with no sure pixels still yields
+    # the piece's own colour rather than a mix.
+    difference = np.linalg.norm(image - backdrop, axis=-1) / 255.0
+    region = sure_fg + unknown
+    candidates = [local_mean(image, region * difference**power + 1e-9, sigma)[0] for power in MATTE_FG_POWERS]
+    # and the highlights: metal brighter than the backdrop
+    brighter = np.maximum(image.mean(-1) - backdrop.mean(-1), 0) / 255.0
+    highlight, mass = local_mean(image, region * brighter**2, sigma)
+    has = (mass > 1e-4)[..., None]
+    candidates.append(np.where(has, highlight, candidates[0]).astype(np.float32))
+    grey = image.mean(-1) / 255.0
+    soft = np.clip(guided_filter_grey(grey, labels.astype(np.float32), reach, 1e-3), 0, 1)
+    floor = solid * np.clip(soft - MATTE_LABEL_MARGIN, 0, 1) / max(1e-3, 1 - MATTE_LABEL_MARGIN)
 
-    # In a chain thinner than the band there is no sure foreground: the pixels least like the backdrop stand in.
-    difference = np.linalg.norm(image - backdrop, axis=-1)
-    unlike = unknown * (difference / (difference.max() + 1e-3)) ** 6
-    piece, _ = local_mean(image, sure_fg + unlike, sigma)
-
-    span = piece - backdrop
+    if scale < 1:
+        full = (width, height)
+        backdrop = cv2.resize(backdrop, full, interpolation=cv2.INTER_LINEAR)
+        candidates = [cv2.resize(c, full, interpolation=cv2.INTER_LINEAR) for c in candidates]
+        soft = cv2.resize(soft, full, interpolation=cv2.INTER_LINEAR)
+        floor = cv2.resize(floor, full, interpolation=cv2.INTER_LINEAR)
+        sure_fg = cv2.resize(sure_fg, full, interpolation=cv2.INTER_LINEAR)
+        unknown = cv2.resize(unknown, full, interpolation=cv2.INTER_LINEAR)
+    alpha = np.clip(sure_fg, 0, 1)
+    colour = rgb.copy()
+    band = unknown > 0
+    at = rgb[band].astype(np.float32)
+    b = backdrop[band]
+    # Metal is shaded: of a few estimates of the local piece colour (from the mean of the piece's pixels to the
+    # ones least like the backdrop), each pixel takes the one that explains it best.
+    best_error = np.full(b.shape[0], np.inf, np.float32)
+    f = candidates[0][band]
+    solved = np.zeros(b.shape[0], np.float32)
+    for candidate in candidates:
+        c = candidate[band]
+        c_span = c - b
+        c_span2 = np.maximum((c_span * c_span).sum(-1), 1e-3)
+        c_alpha = np.clip(((at - b) * c_span).sum(-1) / c_span2, 0, 1)
+        error = np.linalg.norm(at - b - c_alpha[:, None] * c_span, axis=-1) / np.sqrt(c_span2)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        solved = np.where(better, c_alpha, solved)
+        f = np.where(better[:, None], c, f)
+    span = f - b
     span2 = (span * span).sum(-1)
-    solved = np.clip(((image - backdrop) * span).sum(-1) / np.maximum(span2, 1e-3), 0, 1)
     reliable = span2 / (span2 + MATTE_CONTRAST**2)
-    soft = np.clip(guided_filter(image / 255.0, labels.astype(np.float32), radius=reach, eps=1e-3), 0, 1)
-    alpha = sure_fg + unknown * (reliable * solved + (1 - reliable) * soft)
-
+    # A pixel far off the line between backdrop and piece colour (a highlight on metal shaded unlike its
+    # neighbours) is not explained by this pair: trust the labels there instead.
+    off_line = np.linalg.norm(at - b - solved[:, None] * span, axis=-1)
+    reliable *= np.exp(-((off_line / (MATTE_OFF_LINE * np.sqrt(span2) + MATTE_CONTRAST)) ** 2))
+    a = np.maximum(reliable * solved + (1 - reliable) * soft[band], floor[band])
+    weight = unknown[band]
+    a = weight * a + (1 - weight) * alpha[band]
+    alpha[band] = a
     # Defringe: unmix the backdrop where alpha is large enough to divide by, the local piece colour elsewhere.
-    unmixed = backdrop + (image - backdrop) / np.maximum(alpha, 0.05)[..., None]
-    trust = np.clip((alpha - 0.15) / 0.5, 0, 1)[..., None]
-    colour = np.where(unknown[..., None] > 0, trust * unmixed + (1 - trust) * piece, image)
-    return (alpha * 255).round().astype(np.uint8), np.clip(colour, 0, 255).round().astype(np.uint8)
+    unmixed = b + (at - b) / np.maximum(a, 0.05)[:, None]
+    trust = np.clip((a - 0.15) / 0.5, 0, 1)[:, None]
+    colour[band] = np.clip(trust * unmixed + (1 - trust) * f, 0, 255).round().astype(np.uint8)
+    return (alpha * 255).round().astype(np.uint8), colour
+
+
+def guided_filter_grey(guide: FloatImage, src: FloatImage, radius: int, eps: float) -> FloatImage:
+    """He et al.'s guided filter with a grey guide."""
+    size = (2 * radius + 1, 2 * radius + 1)
+
+    def box(x: FloatImage) -> FloatImage:
+        return cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT)
+
+    mean_i, mean_p = box(guide), box(src)
+    a = (box(guide * src) - mean_i * mean_p) / (box(guide * guide) - mean_i * mean_i + eps)
+    b = mean_p - a * mean_i
+    return box(a) * guide + box(b)
 
 
 def guided_filter(guide: FloatImage, src: FloatImage, radius: int, eps: float) -> FloatImage:

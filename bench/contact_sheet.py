@@ -68,18 +68,23 @@ def read_rgb(path: Path) -> ByteImage:
 
 
 def cut_out_sample(photo: Path, rgb: ByteImage, studio_cut_out: CutOut | None) -> tuple[ByteImage, str]:
+    truth = cv2.imread(str(photo.with_name(photo.name.replace("_photo.jpg", "_alpha.png"))), cv2.IMREAD_GRAYSCALE)
     if studio_cut_out is not None:
         try:
             started = time.perf_counter()
             rgba, confidence = studio_cut_out(rgb)
             elapsed = time.perf_counter() - started
-            return rgba, f"studio.cut_out, confidence {confidence:.2f}, {elapsed:.1f} s"
         except Exception as exc:  # a bench shows what it can: fall back to the exact matte and say so
             print(f"  studio.cut_out failed on {photo.name}: {exc!r}; using the exact matte")
-    alpha = cv2.imread(str(photo.with_name(photo.name.replace("_photo.jpg", "_alpha.png"))), cv2.IMREAD_GRAYSCALE)
-    if alpha is None:
+        else:
+            label = f"studio.cut_out, confidence {confidence:.2f}, {elapsed:.1f} s"
+            if truth is not None and truth.shape == rgba.shape[:2]:
+                mine, exact = rgba[..., 3] > 127, truth > 127
+                label += f", IoU {(mine & exact).sum() / max(1, (mine | exact).sum()):.3f} against the exact matte"
+            return rgba, label
+    if truth is None:
         raise FileNotFoundError(f"no matte beside {photo}")
-    return np.dstack([rgb, alpha]), "exact matte (ground truth)"
+    return np.dstack([rgb, truth]), "exact matte (ground truth)"
 
 
 def thumbnail(image: ByteImage, side_px: int) -> ByteImage:
@@ -177,7 +182,9 @@ def main() -> None:
     full = assemble([Row(r.name, r.source, [thumbnail(t, args.thumb) for t in r.tiles]) for r in rows], args.thumb)
     full.save(args.out, optimize=True)
     print(f"wrote {args.out} ({full.width}×{full.height})")
-    web = assemble([Row(r.name, r.source, [thumbnail(t, args.web_thumb) for t in r.tiles]) for r in rows], args.web_thumb)
+    web = assemble(
+        [Row(r.name, r.source, [thumbnail(t, args.web_thumb) for t in r.tiles]) for r in rows], args.web_thumb
+    )
     size = save_web(web, args.web)
     print(f"wrote {args.web} ({web.width}×{web.height}, {size // 1024} KB)")
 

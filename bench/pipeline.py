@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import heapq
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from ai_clients import CutoutResult, TaskSubmitted, VariantRequest  # noqa: E402
 from config import Settings  # noqa: E402
+from logging_config import configure_logging  # noqa: E402
 from database import JobStatus  # noqa: E402
 from main import create_app  # noqa: E402
 from pipeline import submit_product  # noqa: E402
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
+    configure_logging(level=os.environ.get("BENCH_LOG_LEVEL", "WARNING"), json_logs=False)
     asyncio.run(run(args.jobs, args.concurrency))
 
 
