@@ -14,6 +14,7 @@ RUN pip install -r requirements.txt
 
 COPY *.py ./
 COPY migrations ./migrations
+COPY static ./static
 
 RUN useradd --create-home --uid 10001 app && mkdir -p /app/data && chown app:app /app/data
 USER app

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 # Multipart framing around the file (boundaries, headers, the title field) on top of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+UPLOAD_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
@@ -525,6 +527,11 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             **vars(services.backends),
         )
         return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def upload_page() -> FileResponse:
+        # For shop staff: upload photos (several at once) and watch them become product shots.
+        return FileResponse(UPLOAD_PAGE, media_type="text/html")
 
     @app.get("/storage/{bucket}/{path:path}", include_in_schema=False)
     async def local_file(bucket: str, path: str, services: ServicesDep) -> FileResponse:

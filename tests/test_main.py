@@ -226,3 +226,10 @@ async def test_openapi_documents_every_route_with_models(api: Any) -> None:
             ok = next(code for code in operation["responses"] if code.startswith("2"))
             assert "schema" in operation["responses"][ok]["content"]["application/json"], (method, path)
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_the_upload_page_is_served(api: Any) -> None:
+    client, _ = api
+    page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'fetch("process"' in page.text and "product/${id}" in page.text
