@@ -1,20 +1,23 @@
 """The local studio: what the service does on this machine when no AI provider is configured.
 
-Cut-out (`cut_out`): the piece is separated from the shop's backdrop with no model weights, in four steps, all at
-reduced resolution except the matte itself:
+Cut-out (`cut_out`) separates the piece from the shop's backdrop with no model weights. The backdrop is assumed to
+cover the image border and to be smooth or stationary in texture (paper sweeps, card, wood, cloth).
 
-1. Background model. The backdrop covers the image border; its colour field is interpolated inward from the pixels
-   currently believed to be background (normalised convolution, coarse to fine), so light falloff is absorbed. A pixel
-   is background-like if it matches that field, or the field darkened uniformly (a shadow keeps the backdrop's
-   chroma), or the backdrop's global colour mixture (texture: wood grain, weave, marble veins).
-2. Segmentation. A graph cut (max-flow) labels each pixel from the background model against a colour mixture learnt
-   from the piece, with contrast-sensitive smoothness normalised by the backdrop's own texture; the labels are
-   re-estimated twice. Regions enclosed by the piece (the inside of a ring, a chain loop) are labelled on their own
-   evidence, so background seen through them is removed.
-3. Matte. Around the boundary, alpha comes from the matting equation against the local backdrop and piece colours
-   where they differ, and from a guided filter of the labels where they don't; the result is soft, not a threshold.
-4. Defringe. Colours at partially transparent pixels are unmixed from the estimated backdrop, so no halo of the old
-   backdrop remains.
+1. Backdrop field. The backdrop's colour everywhere is a quadratic surface fitted to the pixels believed to be
+   backdrop, refined by normalised convolution (push-pull), so light falloff and a spot's bright centre are absorbed.
+   It is fitted to the lit backdrop only, so shadows are explained as shadows.
+2. Evidence. A pixel is the piece if it departs from the field in chroma (after the best uniform darkening), in
+   brightness above it (a highlight), or as a darkening too thin to be a shadow (a chain, a prong). Each departure is
+   measured against the same departure on the backdrop itself (its 99.9th percentile), so wood grain or a weave
+   raises its own bar. Darker with the backdrop's chroma is a shadow or grey metal: a weak vote only.
+3. Segmentation. A graph cut (max-flow) at no more than SEGMENT_SIDE_PX combines that evidence with colour mixtures
+   learnt from both sides and a contrast-sensitive smoothness term; three rounds re-fit the field and the mixtures.
+   Components without a visible outline (a velvet fold, a swell of light) and specks are dropped; regions enclosed
+   by the piece are kept as holes (a ring's inside, a chain loop) when wide and smooth like the backdrop, and filled
+   when thin or busy (a clear stone's facets).
+4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)B per pixel of the full image,
+   with B the local backdrop colour and F the best of a few local piece colours; a guided filter of the labels takes
+   over where F and B are too alike. Colours there are unmixed from B, so no fringe of the old backdrop remains.
 
 Everything here is a pure function of its input: deterministic, no state, safe to run in several threads at once.
 """
@@ -33,55 +36,54 @@ ByteImage = npt.NDArray[np.uint8]
 FloatImage = npt.NDArray[np.float32]
 BoolImage = npt.NDArray[np.bool_]
 
-SEGMENT_SIDE_PX = 512  # the graph cut runs at this size (longer side)
+# Sizes
+SEGMENT_SIDE_PX = 512  # the segmentation runs at no more than this (longer side)
+MATTE_SIDE_PX = 1024  # backdrop and piece colours for the matte are estimated at no more than this
 BORDER_SHARE = 0.03  # the band along the image border taken as backdrop to start from
-SHADOW_MIN_SCALE = 0.55  # Lab scale of the darkest shadow the model explains (about 18 % of the light)
-SHADOW_BIAS = -1.5  # nats: a shallow shadow-like darkening is slightly more likely backdrop...
-SHADOW_DEPTH_GAIN = 8.0  # ...and a deep one slightly more likely metal; contrast decides (nats per unit depth)
-LIT_WEIGHT = 4.0  # nats for a pixel that matches the lit backdrop within its noise
-EVIDENCE_THRESHOLD = 3.0  # departures beyond this many noise units are evidence of the piece
-BACKDROP_QUANTILE = 0.999  # the share of the backdrop that sits within the threshold
-CHROMA_NOISE_FLOOR = 0.4  # Lab units
+MIN_PIECE_PX = 10  # at the segmentation size; fewer and the photo is taken to show no piece
+
+# Backdrop field and evidence (nats are natural-log likelihood ratios; > 0 favours the piece)
+FIELD_FINEST = 1 / 32  # finest push-pull blur, as a share of the image side: coarser than texture, finer than folds
+LIT_MARGIN = 3.0  # noise units below the field at which a backdrop pixel counts as shadowed
+EVIDENCE_THRESHOLD = 3.0  # a departure at the backdrop's own BACKDROP_QUANTILE scores this many units
+BACKDROP_QUANTILE = 0.999
+CHROMA_NOISE_FLOOR = 0.4  # Lab units, added to the backdrop's chroma covariance
+CHROMA_FLOOR = 1.0  # Lab units: the least chroma departure that counts, however clean the backdrop
 LEVEL_NOISE_FLOOR = 0.01  # log brightness
-CHROMA_FLOOR = 1.0  # Lab units: the least chroma departure that counts as the piece, however clean the backdrop
-SHADOW_BOUNCE = 0.3  # the most light a shadow may get bounced off the piece, relative to the backdrop's own
-SHADOW_TINT = 3.0  # Lab units of extra chroma tolerance per unit of shadow depth (light bounced off the piece)
 LEVEL_FLOOR = 0.02  # log brightness: the least brightening that counts
 THIN_FLOOR = 0.05  # log brightness: the least thin darkening that counts
-SEED_EVIDENCE = 4.0  # nats of field evidence that make a pixel a sure sample of the piece's colours
-THIN_MATTE = 0.0
-SOLID_MATTE = 3.0  # parts at least this many band widths thick keep their labels' alpha a little way in...
-MATTE_LABEL_MARGIN = 0.5  # ...where the guided-filtered labels exceed this  # parts of the labels thinner than this many band widths are matted throughout
-MATTE_OFF_LINE = 0.3  # off-line distance, as a share of the backdrop-to-piece distance, that halves the trust
-MATTE_SIDE_PX = 1024  # backdrop and piece colours for the matte are estimated at this size at most
-MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
-SPECK_SHARE = 2e-5  # foreground components smaller than this share of the image are dropped...
-SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
-MATTE_FG_POWERS = (1.0, 4.0)
-FIELD_FINEST = 1 / 32
-EVIDENCE_TAIL = 0.0
-OUTLINE_QUANTILE = 0.99
-OUTLINE_SHARE = 0.2
-CLOSE_OUTLINE = True
-SLIVERS = False
-SHADED_FILL = False
-SHADED_QUANTILE = 0.95
-OUTLINE_REACH = 0.04  # edges this far (share of the image side) from the piece may close its outline
-HOLE_MIN_RADIUS = 0.025  # enclosed regions narrower than this share of the image side are part of the piece
-HOLE_MAX_BUSY = 0.1  # enclosed regions with more steep pixels than this share are part of the piece
-LIT_MARGIN = 3.0  # noise units below the field at which a background pixel counts as shadowed
-MIN_PIECE_PX = 10  # at the segmentation size; fewer and the photo is taken to show no piece
-COLOUR_CAP = 3.0  # nats the learnt colour mixtures can add for either side
+SHADOW_MIN_SCALE = 0.55  # Lab scale (of L+16, a, b) of the darkest shadow explained: about 17 % of the light
 SHADOW_MIN_WIDTH = 0.012  # darkening narrower than this share of the image side is not a shadow
-TEXTURE_CAP = 0.0  # nats the local gradient energy can add for either side
-TEXTURE_PRESMOOTH = 1.0  # px at the segmentation size
-TEXTURE_SCALE = 2.0  # px
-GMM_COMPONENTS = 5
-CONTRAST_WHOLE_IMAGE = True
-SMOOTHNESS = 30.0  # weight of the contrast-sensitive pairwise term, in nats per neighbour pair
+SHADOW_SATURATION = 1.0  # how much more saturated than the lit backdrop its deepest shadow may be (1 = twice)
+SHADOW_TINT = 3.0  # Lab units of extra chroma tolerance per unit of shadow depth (light bounced off the piece)
+SHADOW_BIAS = -1.5  # nats for a shallow shadow-like darkening...
+SHADOW_DEPTH_GAIN = 8.0  # ...rising with depth (nats per unit of Lab scale), capped at +-2: contrast decides
+LIT_WEIGHT = 4.0  # nats against the piece for a pixel that matches the lit backdrop
 UNARY_CAP = 12.0  # nats; keeps one odd pixel from outvoting its neighbourhood
+SEED_EVIDENCE = 4.0  # nats of field evidence that make a pixel a sure sample of the piece
+GMM_COMPONENTS = 5
+COLOUR_CAP = 3.0  # nats the learnt colour mixtures can add for either side
+PIECE_MODEL_EVIDENCE = -1.0  # the piece's colour mixture learns from its labels where the evidence is above this
+
+# Segmentation
+SMOOTHNESS = 30.0  # nats per pair of 4-neighbours of equal colour; contrast lowers it
 CUT_ROUNDS = 3
 CAPACITY_SCALE = 64  # max-flow works on integers
+GRAPH_MARGIN = 3.0  # nats: pixels this sure of being backdrop, and not next to any less sure, stay out of the graph
+OUTLINE_QUANTILE = 0.99  # a steep edge is steeper than this share of the backdrop's gradients
+OUTLINE_SHARE = 0.2  # a component of the piece needs this share of its rim on steep edges
+OUTLINE_REACH = 0.04  # edges this far (share of the image side) from the piece may close its outline
+HOLE_MIN_RADIUS = 0.025  # enclosed regions narrower than this share of the image side are part of the piece...
+HOLE_MAX_BUSY = 0.1  # ...and so are those with more steep pixels than this share
+SPECK_SHARE = 2e-5  # components smaller than this share of the image are dropped...
+SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
+
+# Matte
+MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
+MATTE_OFF_LINE = 0.3  # distance off the backdrop-piece line, as a share of its length, at which trust drops to 1/e
+MATTE_FG_POWERS = (1.0, 4.0)  # local piece colours weighted by (unlikeness to the backdrop) ** power
+SOLID_MATTE = 3.0  # parts at least this many band widths thick keep their labels' alpha a little way in...
+MATTE_LABEL_MARGIN = 0.5  # ...where the guided-filtered labels exceed this
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def cut_out(rgb: ByteImage) -> Cutout:
     height, width = rgb.shape[:2]
     scale = min(1.0, SEGMENT_SIDE_PX / max(height, width))
     small_size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    small = cv2.resize(rgb, small_size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    small = as_bytes(cv2.resize(rgb, small_size, interpolation=cv2.INTER_AREA)) if scale < 1 else rgb
     segmentation = segment(small)
     alpha, colour = matte(rgb, segmentation)
     rgba = np.dstack([colour, alpha])
@@ -182,7 +184,7 @@ def normalised_blur(values: FloatImage, weights: FloatImage, sigma: float) -> tu
     else:
         v = cv2.GaussianBlur(values * weights[..., None], (0, 0), sigma)
         m = cv2.GaussianBlur(weights, (0, 0), sigma)
-    return v.reshape(values.shape), m
+    return as_float(v).reshape(values.shape), as_float(m)
 
 
 def lit_field(lab: FloatImage, background: BoolImage) -> FloatImage:
@@ -252,8 +254,21 @@ class Segmentation:
     confidence: float
 
 
+def as_float(image: object) -> FloatImage:
+    """OpenCV's results as the float32 arrays they are (its stubs type them loosely)."""
+    return np.asarray(image, dtype=np.float32)
+
+
+def as_bytes(image: object) -> ByteImage:
+    return np.asarray(image, dtype=np.uint8)
+
+
+def as_bool(image: object) -> BoolImage:
+    return np.asarray(image, dtype=bool)
+
+
 def to_lab(rgb: ByteImage) -> FloatImage:
-    return cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    return as_float(cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB))
 
 
 def border_band(shape: tuple[int, int]) -> BoolImage:
@@ -269,14 +284,12 @@ def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float,
     return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
 
 
-def field_evidence(
-    lab: FloatImage, field: FloatImage, background: BoolImage, reference: BoolImage, piece: FloatImage | None = None
-) -> FloatImage:
+def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> FloatImage:
     """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field.
 
     Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
     the backdrop (a highlight), and darker in a structure too thin to be a shadow (a chain, a prong, an outline).
-    Each is calibrated on the backdrop itself: its value at the backdrop's 99.5th percentile is the threshold, so a
+    Each is calibrated on the backdrop itself: its value at the backdrop's BACKDROP_QUANTILE is the threshold, so a
     textured backdrop (grain lines, weave) raises its own bar. Darker with the backdrop's chroma is what a shadow
     looks like, and also what grey metal looks like: that gets only a weak vote, growing with depth, and the
     contrast term decides."""
@@ -291,18 +304,16 @@ def field_evidence(
     whiten = np.linalg.cholesky(precision).astype(np.float32)
     whitened = across @ whiten
     chroma = np.sqrt((whitened * whitened).sum(-1))
-    if piece is not None:
-        # A contact shadow is lit partly by light bounced off the piece: the backdrop colour scaled down plus a
-        # little of the piece's colour. Within that cone the chroma departure doesn't count.
-        o = piece + np.array([16.0, 0, 0], np.float32)
-        ff, oo, fo = (f * f).sum(-1), (o * o).sum(-1), (f * o).sum(-1)
-        vf, vo = (v * f).sum(-1), (v * o).sum(-1)
-        det = np.maximum(ff * oo - fo * fo, 1e-6)
-        m = (vf * oo - vo * fo) / det
-        t = (vo * ff - vf * fo) / det
-        tinted = (m > 0.3) & (t >= 0) & (t <= SHADOW_BOUNCE * m) & (m + t * np.sqrt(oo / np.maximum(ff, 1e-6)) < 1.0)
-        rest = (v - m[..., None] * f - t[..., None] * o) @ whiten
-        chroma = np.where(tinted, np.minimum(chroma, np.sqrt((rest * rest).sum(-1))), chroma).astype(np.float32)
+    if SHADOW_SATURATION > 0:
+        # In shadow a coloured backdrop is lit by light it reflected itself: darker and more saturated. Fit lightness
+        # and chroma scales separately; within the allowed boost the remaining departure is what counts.
+        f_light = f * np.array([1.0, 0, 0], np.float32)
+        f_chroma = f * np.array([0, 1.0, 1.0], np.float32)
+        light = (v * f_light).sum(-1) / np.maximum((f_light * f_light).sum(-1), 1e-6)
+        tone = (v * f_chroma).sum(-1) / np.maximum((f_chroma * f_chroma).sum(-1), 1e-6)
+        tone = np.clip(tone, light, light * (1 + SHADOW_SATURATION * np.clip(1 - light, 0, 1) / (1 - SHADOW_MIN_SCALE)))
+        boosted = (v - light[..., None] * f_light - tone[..., None] * f_chroma) @ whiten
+        chroma = np.where(light < 1, np.minimum(chroma, np.sqrt((boosted * boosted).sum(-1))), chroma)
 
     brightness = np.log(np.maximum(level, 1e-3)).astype(np.float32)
     lit, lit_spread = robust_spread(brightness[reference], LEVEL_NOISE_FLOOR)
@@ -327,21 +338,10 @@ def field_evidence(
     thin = np.where(z > EVIDENCE_THRESHOLD, 0, cv2.morphologyEx(walled, cv2.MORPH_CLOSE, disk) - clamped)
     bar = max(THIN_FLOOR, float(np.quantile(thin[reference], BACKDROP_QUANTILE)))
     z = np.maximum(z, thin * (EVIDENCE_THRESHOLD / bar))
-    if EVIDENCE_TAIL > 0:  # heavy-tailed (Student-t like): textures and shadows make outliers common
-        nu = EVIDENCE_TAIL
-        piece = 0.5 * (nu + 1) * np.log((1 + z * z / nu) / (1 + EVIDENCE_THRESHOLD**2 / nu))
-    else:
-        piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
+    piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
     darker = brightness - lit < -EVIDENCE_THRESHOLD * lit_spread
     shadowed = np.where(darker, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
-    return np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)).astype(np.float32)
-
-
-def piece_field(lab: FloatImage, foreground: BoolImage) -> FloatImage:
-    """The piece's local colour near every pixel (its colour overall where none of it is near)."""
-    num, den = normalised_blur(lab, foreground.astype(np.float32), max(lab.shape[:2]) / 64)
-    overall = lab[foreground].mean(0)
-    return ((num + 1e-3 * overall) / (den + 1e-3)[..., None]).astype(np.float32)
+    return as_float(np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)))
 
 
 def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -353,62 +353,39 @@ def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.concatenate([(every + offset) * k - offset for k in scales])
 
 
-def texture_energy(lab: FloatImage) -> FloatImage:
-    """log of the local gradient energy of the lightly smoothed image: curved polished metal shades continuously
-    where a backdrop is flat, even where both show the same colour. Smoothing first keeps sensor and render noise
-    out of it."""
-    smooth = cv2.GaussianBlur(lab, (0, 0), TEXTURE_PRESMOOTH)
-    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
-    magnitude = np.sqrt((gx * gx + gy * gy) @ np.array([1.0, 0.5, 0.5], np.float32))
-    return np.log(cv2.GaussianBlur(magnitude, (0, 0), TEXTURE_SCALE) + 0.05)
-
-
-def normal_llr(values: FloatImage, background: BoolImage, foreground: BoolImage, cap: float) -> FloatImage:
-    """log p(value | piece) - log p(value | backdrop), each a robust normal fit, clipped to `cap` nats."""
-    mb, sb = robust_spread(values[background], 0.25)
-    mf, sf = robust_spread(values[foreground], 0.25)
-    llr = -0.5 * ((values - mf) / sf) ** 2 - np.log(sf) + 0.5 * ((values - mb) / sb) ** 2 + np.log(sb)
-    return np.clip(llr, -cap, cap).astype(np.float32)
-
-
 def segment(small: ByteImage) -> Segmentation:
-    blurred = cv2.GaussianBlur(small, (0, 0), 0.8)
-    lab = to_lab(blurred)
+    """Label the piece in a photo already reduced to the segmentation size."""
+    lab = to_lab(as_bytes(cv2.GaussianBlur(small, (0, 0), 0.8)))
     shape = lab.shape[:2]
     border = border_band(shape)
-    background = border
-    pairwise = contrast_weights(lab, border)
-    energy = texture_energy(lab)
-    foreground = np.zeros(shape, bool)
-    field = lab
-    # First guess at the piece: what departs from a coarse field predicted from the border alone, kept only where
-    # it has a visible outline (a fold in velvet or a swell of light departs too, but softly).
+    pairwise = contrast_weights(lab)
+    # First guess: what departs from a coarse field predicted from the border alone, kept only where it has a
+    # visible outline (a fold in velvet or a swell of light departs too, but softly).
     field = backdrop_field(lab, border, finest=1 / 8)
-    evidence = field_evidence(lab, field, border, border)
-    seeds = outlined(evidence > SEED_EVIDENCE, steep_edges(lab, border))
+    seeds = outlined(field_evidence(lab, field, border) > SEED_EVIDENCE, steep_edges(lab, border))
     background = ~cv2.dilate(seeds.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
-    previous = foreground
+    foreground = previous = np.zeros(shape, bool)
     unary = np.zeros(shape, np.float32)
     for round_ in range(CUT_ROUNDS):
         field = lit_field(lab, background)
-        piece = piece_field(lab, foreground) if round_ and SHADOW_BOUNCE > 0 else None
-        unary = field_evidence(lab, field, background, background, piece)
-        seeds = unary > SEED_EVIDENCE
-        known = foreground if round_ else seeds
+        unary = field_evidence(lab, field, background)
+        if round_:
+            # The piece's colours from its labels where the evidence doesn't speak against them: a shadow wrongly
+            # taken in last round must not teach the model its colour.
+            known = foreground & (unary > PIECE_MODEL_EVIDENCE)
+            if np.count_nonzero(known) < MIN_PIECE_PX:
+                known = foreground
+        else:
+            known = unary > SEED_EVIDENCE
         if np.count_nonzero(known) < MIN_PIECE_PX:
             return Segmentation(np.zeros(shape, bool), field, 0.0)
-        bg_colours = fit_mixture(shadowed_samples(lab[background]), GMM_COMPONENTS, floor=1.0)
-        fg_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
-        unary += np.clip(bg_colours.cost(lab) - fg_colours.cost(lab), -COLOUR_CAP, COLOUR_CAP)
-        unary += normal_llr(energy, background, known, TEXTURE_CAP)
+        backdrop_colours = fit_mixture(shadowed_samples(lab[background]), GMM_COMPONENTS, floor=1.0)
+        piece_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
+        unary += np.clip(backdrop_colours.cost(lab) - piece_colours.cost(lab), -COLOUR_CAP, COLOUR_CAP)
         unary[border & (unary < 0)] = -1e3
         previous = foreground
-        foreground = drop_specks(graph_cut(unary, pairwise))
         steep = steep_edges(lab, background)
-        foreground = outlined(foreground, steep)
-        if CLOSE_OUTLINE:
-            foreground = close_outline(foreground, steep, energy)
+        foreground = close_outline(outlined(drop_specks(graph_cut(unary, pairwise)), steep), steep)
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     if np.count_nonzero(foreground) < MIN_PIECE_PX:
         return Segmentation(np.zeros(shape, bool), field, 0.0)
@@ -419,17 +396,17 @@ def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border
     """How clean the cut-out is likely to be, 0..1, from what the segmentation itself shows: labels that kept
     moving between rounds, a boundary region where the evidence is weak or contradicts the labels, piece touching
     the image border (a backdrop that didn't fit, or a crop), an implausible size, and many fragments."""
-    area = np.count_nonzero(foreground) / foreground.size
-    union = np.count_nonzero(foreground | previous)
-    stability = np.count_nonzero(foreground & previous) / union if union else 0.0
+    area = int(np.count_nonzero(foreground)) / foreground.size
+    union = int(np.count_nonzero(foreground | previous))
+    stability = int(np.count_nonzero(foreground & previous)) / union if union else 0.0
     ring = cv2.dilate(foreground.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     ring &= ~cv2.erode(foreground.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     agrees = np.where(foreground, unary > 1.0, unary < -1.0)
-    clarity = np.count_nonzero(agrees & ring) / max(1, np.count_nonzero(ring))
-    touching = np.count_nonzero(foreground & border) / max(1, np.count_nonzero(border))
+    clarity = int(np.count_nonzero(agrees & ring)) / max(1, int(np.count_nonzero(ring)))
+    touching = int(np.count_nonzero(foreground & border)) / max(1, int(np.count_nonzero(border)))
     framing = float(np.clip(1.0 - 8.0 * touching, 0.0, 1.0))
     size = float(np.clip((area - 2e-4) / 1e-3, 0, 1) * np.clip((0.6 - area) / 0.25, 0, 1))
-    count, _, stats, _ = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=8)
+    stats = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=8)[2]
     areas = stats[1:, cv2.CC_STAT_AREA]
     dust = float(areas[areas < 0.01 * areas.sum()].sum() / max(1, areas.sum()))
     fragments = float(np.clip(1.0 - 10.0 * dust, 0.0, 1.0))
@@ -441,15 +418,15 @@ def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
     gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
     steepness = np.sqrt((gx * gx + gy * gy).sum(-1))
-    return steepness > np.quantile(steepness[reference], OUTLINE_QUANTILE)
+    return as_bool(steepness > np.quantile(steepness[reference], OUTLINE_QUANTILE))
 
 
-def close_outline(foreground: BoolImage, steep: BoolImage, energy: FloatImage) -> BoolImage:
+def close_outline(foreground: BoolImage, steep: BoolImage) -> BoolImage:
     """Fill what the piece's outline encloses, except true holes.
 
-    Polished metal can mirror the backdrop so exactly that only its outline shows; an edge next to the piece closes
-    such regions. An enclosed region stays background (the inside of a ring, a chain loop) if it is wide and as
-    smooth as the backdrop; a thin sliver between outlines, or a busy region (the facets of a clear stone), is
+    Polished metal can mirror the backdrop so exactly that only its outline shows: steep edges connected to the piece
+    close such regions. An enclosed region stays background (the inside of a ring, a chain loop) if it is wide and
+    as smooth as the backdrop; a thin sliver between outlines, or a busy region (the facets of a clear stone), is
     filled."""
     side = max(foreground.shape)
     near = cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -474,25 +451,8 @@ def close_outline(foreground: BoolImage, steep: BoolImage, energy: FloatImage) -
     fill = ~outside & ((widest < HOLE_MIN_RADIUS * side) | (busy > HOLE_MAX_BUSY))
     fill[0] = False
     filled = fill[labels] & ~closed
-    if SHADED_FILL:  # backdrop seen through the piece is as flat as the backdrop outside; curved metal is not
-        enclosed = ~outside[labels] & ~closed
-        exterior = outside[labels] & ~closed
-        if np.count_nonzero(exterior) > 100 and np.any(enclosed):
-            busy_energy = float(np.quantile(energy[exterior], SHADED_QUANTILE))
-            shaded = (enclosed & (energy > busy_energy)).astype(np.uint8)
-            shaded = cv2.morphologyEx(shaded, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
-            filled |= shaded
-    if SLIVERS:  # narrow parts of any open region, even one that leaks to a wide hole or outside through a gap
-        radius = max(2, round(HOLE_MIN_RADIUS * side))
-        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-        open_space = (~closed).astype(np.uint8)
-        wide = cv2.morphologyEx(open_space, cv2.MORPH_OPEN, disk, borderType=cv2.BORDER_REPLICATE).astype(bool)
-        filled |= ~closed & ~wide
-    return foreground | filled | (outline & fill_adjacent(filled))
-
-
-def fill_adjacent(region: BoolImage) -> BoolImage:
-    return cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    seam = outline & cv2.dilate(filled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return as_bool(foreground | filled | seam)
 
 
 def outlined(candidates: BoolImage, steep: BoolImage) -> BoolImage:
@@ -504,7 +464,7 @@ def outlined(candidates: BoolImage, steep: BoolImage) -> BoolImage:
     rim_steep = np.bincount(labels[rim], weights=steep[rim], minlength=count)
     keep = rim_steep >= OUTLINE_SHARE * np.maximum(rim_total, 1)
     keep[0] = False
-    return candidates & keep[labels]
+    return as_bool(candidates & keep[labels])
 
 
 def drop_specks(mask: BoolImage) -> BoolImage:
@@ -516,7 +476,7 @@ def drop_specks(mask: BoolImage) -> BoolImage:
     smallest = max(6, round(SPECK_SHARE * mask.size), round(SPECK_RELATIVE * largest))
     keep = areas >= smallest
     keep[0] = False
-    return keep[labels]
+    return as_bool(keep[labels])
 
 
 @dataclass(frozen=True)
@@ -525,50 +485,53 @@ class Pairwise:
     down: FloatImage  # weight between (y, x) and (y+1, x), (H-1)×W
 
 
-def contrast_weights(lab: FloatImage, reference: BoolImage) -> Pairwise:
-    """Contrast-sensitive smoothness: neighbours that differ little relative to the backdrop's own texture are
-    expensive to separate."""
+def contrast_weights(lab: FloatImage) -> Pairwise:
+    """Contrast-sensitive smoothness (as in GrabCut): neighbours that differ little, relative to the image's mean
+    squared difference between neighbours, are expensive to separate."""
     dx = ((lab[:, 1:] - lab[:, :-1]) ** 2).sum(-1)
     dy = ((lab[1:] - lab[:-1]) ** 2).sum(-1)
-    if CONTRAST_WHOLE_IMAGE:
-        typical = float(np.mean(np.concatenate([dx.ravel(), dy.ravel()]))) + 1e-3
-    else:
-        typical = float(np.mean(np.concatenate([dx[reference[:, 1:]], dy[reference[1:]]]))) + 1e-3
-    beta = 1.0 / (2.0 * typical)
+    beta = 1.0 / (2.0 * (float(np.mean(np.concatenate([dx.ravel(), dy.ravel()]))) + 1e-3))
     return Pairwise(SMOOTHNESS * np.exp(-beta * dx), SMOOTHNESS * np.exp(-beta * dy))
 
 
 def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
     """Minimum cut: True where labelling foreground is cheaper. `unary` > 0 favours foreground.
 
-    The graph is built directly in CSR form: each pixel row lists its up, left, right and down neighbours and the
-    sink, in that (ascending) order; the source row lists every pixel."""
+    Only pixels near anything that could be foreground enter the graph; the rest are background, and a graph pixel's
+    links to them become part of its cost of being foreground. The graph is built directly in CSR form: each pixel
+    row lists its up, left, right and down neighbours and the sink, in that (ascending) order; the source row lists
+    every pixel."""
     h, w = unary.shape
-    n = h * w
+    candidate = (unary > -GRAPH_MARGIN).astype(np.uint8)
+    active = cv2.dilate(candidate, np.ones((5, 5), np.uint8)).astype(bool)
+    n = int(np.count_nonzero(active))
+    if n == 0:
+        return np.zeros((h, w), bool)
+    index = np.full((h + 2, w + 2), -1, np.int64)  # padded: neighbours off the image are "inactive"
+    index[1:-1, 1:-1][active] = np.arange(n)
+    right = np.zeros((h, w), np.float32)
+    right[:, :-1] = pairwise.right
+    down = np.zeros((h, w), np.float32)
+    down[:-1] = pairwise.down
+    left = np.zeros((h, w), np.float32)
+    left[:, 1:] = pairwise.right
+    up = np.zeros((h, w), np.float32)
+    up[1:] = pairwise.down
+    neighbours = [index[:-2, 1:-1], index[1:-1, :-2], index[1:-1, 2:], index[2:, 1:-1]]  # up, left, right, down
+    weights = [up, left, right, down]
+    to_sink = np.maximum(-unary, 0)
+    for neighbour, weight in zip(neighbours, weights, strict=True):
+        to_sink = to_sink + np.where(neighbour < 0, weight, 0)  # a fixed background neighbour
     source, sink = n, n + 1
-    index = np.arange(n).reshape(h, w)
-    right = np.zeros((h, w), np.int32)
-    right[:, :-1] = np.round(pairwise.right * CAPACITY_SCALE)
-    down = np.zeros((h, w), np.int32)
-    down[:-1] = np.round(pairwise.down * CAPACITY_SCALE)
-    left = np.zeros((h, w), np.int32)
-    left[:, 1:] = right[:, :-1]
-    up = np.zeros((h, w), np.int32)
-    up[1:] = down[:-1]
-    to_sink = np.round(np.maximum(-unary, 0) * CAPACITY_SCALE).astype(np.int32)
-    to_source = np.round(np.maximum(unary, 0) * CAPACITY_SCALE).astype(np.int32).ravel()
-    columns = np.stack([index - w, index - 1, index + 1, index + w, np.full((h, w), sink)], axis=-1).reshape(n, 5)
-    capacities = np.stack([up, left, right, down, to_sink], axis=-1).reshape(n, 5)
-    valid = np.ones((h, w, 5), bool)
-    valid[0, :, 0] = False
-    valid[:, 0, 1] = False
-    valid[:, -1, 2] = False
-    valid[-1, :, 3] = False
-    valid = valid.reshape(n, 5)
+    columns = np.stack([nb[active] for nb in neighbours] + [np.full(n, sink)], axis=1)
+    capacities = np.stack([wt[active] for wt in weights] + [to_sink[active]], axis=1)
+    capacities = np.round(capacities * CAPACITY_SCALE).astype(np.int32)
+    valid = (columns >= 0) & (capacities > 0)
     indptr = np.zeros(n + 3, np.int64)
     indptr[1 : n + 1] = np.cumsum(valid.sum(1))
     indptr[n + 1] = indptr[n] + n
     indptr[n + 2] = indptr[n + 1]
+    to_source = np.round(np.maximum(unary[active], 0) * CAPACITY_SCALE).astype(np.int32)
     indices = np.concatenate([columns[valid], np.arange(n)]).astype(np.int32)
     data = np.concatenate([capacities[valid], to_source]).astype(np.int32)
     graph = csr_matrix((data, indices, indptr), shape=(n + 2, n + 2))
@@ -579,7 +542,9 @@ def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
     reached = breadth_first_order(residual, source, directed=True, return_predecessors=False)
     labels = np.zeros(n + 2, bool)
     labels[reached] = True
-    return labels[:n].reshape(h, w)
+    result = np.zeros((h, w), bool)
+    result[active] = labels[:n]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,9 +553,9 @@ def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
 
 def local_mean(rgb: FloatImage, weights: FloatImage, sigma: float) -> tuple[FloatImage, FloatImage]:
     """Weighted local mean colour and the local weight mass."""
-    num = cv2.GaussianBlur(rgb * weights[..., None], (0, 0), sigma)
-    den = cv2.GaussianBlur(weights, (0, 0), sigma)
-    return num / np.maximum(den, 1e-6)[..., None], den
+    num = as_float(cv2.GaussianBlur(rgb * weights[..., None], (0, 0), sigma))
+    den = as_float(cv2.GaussianBlur(weights, (0, 0), sigma))
+    return as_float(num / np.maximum(den, 1e-6)[..., None]), den
 
 
 def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteImage]:
@@ -612,22 +577,19 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     labels = cv2.resize(segmentation.foreground.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     reach = int(np.ceil(upscale)) + 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
-    sure_fg = cv2.erode(labels, kernel)
-    # In thin parts (a chain, a prong, a wire) every pixel is solved from the matting equation: the labels of a
-    # structure a few pixels wide are too coarse to trust any of it as solid.
-    thickness = cv2.distanceTransform(labels, cv2.DIST_L2, 3)
-    spine = cv2.dilate(thickness, kernel)
-    sure_fg = (sure_fg & (cv2.dilate(spine, kernel) > THIN_MATTE * reach)).astype(np.float32)
+    sure_fg = cv2.erode(labels, kernel).astype(np.float32)
     # Where the piece is wide, its labels are trusted a little way in from their edge: polished metal can match the
-    # backdrop's colour right up to an outline the colours alone cannot place.
-    solid = (cv2.dilate(spine, kernel) > SOLID_MATTE * reach).astype(np.float32)
+    # backdrop's colour right up to an outline the colours alone cannot place. Thin parts (a chain) are matted
+    # throughout: labels a few pixels wide are too coarse for that.
+    thickness = cv2.dilate(cv2.distanceTransform(labels, cv2.DIST_L2, 3), kernel)
+    solid = (cv2.dilate(thickness, kernel) > SOLID_MATTE * reach).astype(np.float32)
     sure_bg = cv2.erode(1 - labels, kernel).astype(np.float32)
     unknown = (1 - sure_fg) * (1 - sure_bg)
 
     sigma = 1.5 * reach
     backdrop, bg_mass = local_mean(image, sure_bg, sigma)
-    field_rgb = cv2.cvtColor(segmentation.backdrop_lab, cv2.COLOR_LAB2RGB) * 255.0
-    field_rgb = cv2.resize(field_rgb, size, interpolation=cv2.INTER_LINEAR)
+    field_rgb = as_float(cv2.cvtColor(segmentation.backdrop_lab, cv2.COLOR_LAB2RGB)) * 255.0
+    field_rgb = as_float(cv2.resize(field_rgb, size, interpolation=cv2.INTER_LINEAR))
     near = np.clip(bg_mass / 0.05, 0, 1)[..., None]
     backdrop = near * backdrop + (1 - near) * field_rgb
     # Weighting by unlikeness to the backdrop: a too-wide label band or a chain with no sure pixels still yields
@@ -646,12 +608,11 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
 
     if scale < 1:
         full = (width, height)
-        backdrop = cv2.resize(backdrop, full, interpolation=cv2.INTER_LINEAR)
-        candidates = [cv2.resize(c, full, interpolation=cv2.INTER_LINEAR) for c in candidates]
-        soft = cv2.resize(soft, full, interpolation=cv2.INTER_LINEAR)
-        floor = cv2.resize(floor, full, interpolation=cv2.INTER_LINEAR)
-        sure_fg = cv2.resize(sure_fg, full, interpolation=cv2.INTER_LINEAR)
-        unknown = cv2.resize(unknown, full, interpolation=cv2.INTER_LINEAR)
+        backdrop, soft, floor, sure_fg, unknown = (
+            as_float(cv2.resize(x, full, interpolation=cv2.INTER_LINEAR))
+            for x in (backdrop, soft, floor, sure_fg, unknown)
+        )
+        candidates = [as_float(cv2.resize(c, full, interpolation=cv2.INTER_LINEAR)) for c in candidates]
     alpha = np.clip(sure_fg, 0, 1)
     colour = rgb.copy()
     band = unknown > 0
@@ -695,32 +656,9 @@ def guided_filter_grey(guide: FloatImage, src: FloatImage, radius: int, eps: flo
     size = (2 * radius + 1, 2 * radius + 1)
 
     def box(x: FloatImage) -> FloatImage:
-        return cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT)
+        return as_float(cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT))
 
     mean_i, mean_p = box(guide), box(src)
-    a = (box(guide * src) - mean_i * mean_p) / (box(guide * guide) - mean_i * mean_i + eps)
+    a = (box(as_float(guide * src)) - mean_i * mean_p) / (box(as_float(guide * guide)) - mean_i * mean_i + eps)
     b = mean_p - a * mean_i
-    return box(a) * guide + box(b)
-
-
-def guided_filter(guide: FloatImage, src: FloatImage, radius: int, eps: float) -> FloatImage:
-    """He et al.'s guided filter with a colour guide."""
-    size = (2 * radius + 1, 2 * radius + 1)
-
-    def box(x: FloatImage) -> FloatImage:
-        return cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT)
-
-    mean_i = box(guide)
-    mean_p = box(src)
-    mean_ip = box(guide * src[..., None])
-    cov_ip = mean_ip - mean_i * mean_p[..., None]
-    var = np.empty(guide.shape[:2] + (3, 3), np.float32)
-    for i in range(3):
-        for j in range(i, 3):
-            v = box(guide[..., i] * guide[..., j]) - mean_i[..., i] * mean_i[..., j]
-            var[..., i, j] = v
-            var[..., j, i] = v
-    var += eps * np.eye(3, dtype=np.float32)
-    a = np.linalg.solve(var, cov_ip[..., None])[..., 0]
-    b = mean_p - (a * mean_i).sum(-1)
-    return (box(a) * guide).sum(-1) + box(b)
+    return box(as_float(a)) * guide + box(as_float(b))

@@ -100,7 +100,9 @@ def report(title: str, cases: list[Case]) -> list[Score]:
             iou = statistics.fmean(s.iou for s in group)
             mae = statistics.fmean(s.mae for s in group)
             verdict = "ok" if iou >= target and mae <= 0.03 else "MISSED"
-            print(f"  mean {label:<10} ({len(group):2d} images) IoU {iou:.3f} (target {target})  MAE {mae:.4f}  {verdict}")
+            print(
+                f"  mean {label:<10} ({len(group):2d} images) IoU {iou:.3f} (target {target})  MAE {mae:.4f}  {verdict}"
+            )
     worst = min(scores, key=lambda s: s.iou)
     print(f"  worst IoU {worst.iou:.3f}; IoU/confidence rank correlation {rank_correlation(scores):+.2f}")
     return scores
@@ -224,7 +226,9 @@ class Layer:
     alpha: FloatImage
 
     def over(self, below: Layer) -> Layer:
-        return Layer(self.colour + (1 - self.alpha[..., None]) * below.colour, self.alpha + (1 - self.alpha) * below.alpha)
+        return Layer(
+            self.colour + (1 - self.alpha[..., None]) * below.colour, self.alpha + (1 - self.alpha) * below.alpha
+        )
 
 
 SUPERSAMPLE = 4
@@ -249,8 +253,10 @@ def metal_shading(mask: FloatImage, metal: tuple[float, float, float], rng: np.r
 def downsample(layer: Layer) -> Layer:
     h, w = layer.alpha.shape
     size = (w // SUPERSAMPLE, h // SUPERSAMPLE)
-    return Layer(cv2.resize(layer.colour, size, interpolation=cv2.INTER_AREA),
-                 cv2.resize(layer.alpha, size, interpolation=cv2.INTER_AREA))
+    return Layer(
+        cv2.resize(layer.colour, size, interpolation=cv2.INTER_AREA),
+        cv2.resize(layer.alpha, size, interpolation=cv2.INTER_AREA),
+    )
 
 
 def paste(local: Layer, top_left: tuple[int, int], shape: tuple[int, int]) -> Layer:
@@ -260,17 +266,21 @@ def paste(local: Layer, top_left: tuple[int, int], shape: tuple[int, int]) -> La
     y0, x0 = top_left
     y1, x1 = min(shape[0], y0 + small.alpha.shape[0]), min(shape[1], x0 + small.alpha.shape[1])
     cy0, cx0 = max(0, -y0), max(0, -x0)
-    frame.colour[max(0, y0):y1, max(0, x0):x1] = small.colour[cy0:cy0 + y1 - max(0, y0), cx0:cx0 + x1 - max(0, x0)]
-    frame.alpha[max(0, y0):y1, max(0, x0):x1] = small.alpha[cy0:cy0 + y1 - max(0, y0), cx0:cx0 + x1 - max(0, x0)]
+    frame.colour[max(0, y0) : y1, max(0, x0) : x1] = small.colour[
+        cy0 : cy0 + y1 - max(0, y0), cx0 : cx0 + x1 - max(0, x0)
+    ]
+    frame.alpha[max(0, y0) : y1, max(0, x0) : x1] = small.alpha[
+        cy0 : cy0 + y1 - max(0, y0), cx0 : cx0 + x1 - max(0, x0)
+    ]
     return frame
 
 
 def canvas_around(points: npt.NDArray[np.float64], margin: float) -> tuple[tuple[int, int], tuple[int, int]]:
     """Top-left corner (frame pixels) and supersampled size of a canvas holding `points` (supersampled coords)."""
-    x0 = int(math.floor((points[:, 0].min() - margin) / SUPERSAMPLE))
-    y0 = int(math.floor((points[:, 1].min() - margin) / SUPERSAMPLE))
-    x1 = int(math.ceil((points[:, 0].max() + margin) / SUPERSAMPLE))
-    y1 = int(math.ceil((points[:, 1].max() + margin) / SUPERSAMPLE))
+    x0 = math.floor((points[:, 0].min() - margin) / SUPERSAMPLE)
+    y0 = math.floor((points[:, 1].min() - margin) / SUPERSAMPLE)
+    x1 = math.ceil((points[:, 0].max() + margin) / SUPERSAMPLE)
+    y1 = math.ceil((points[:, 1].max() + margin) / SUPERSAMPLE)
     return (y0, x0), ((y1 - y0) * SUPERSAMPLE, (x1 - x0) * SUPERSAMPLE)
 
 
@@ -292,8 +302,13 @@ def chain_piece(rng: np.random.Generator, shape: tuple[int, int], closed: bool, 
     else:
         span = rng.uniform(0.5, 0.8) * w
         sag = rng.uniform(0.1, 0.3) * h
-        pts = np.stack([cx - span / 2 + span * t, cy - sag / 2 + sag * np.sin(math.pi * t) ** 1.5
-                        + 0.03 * h * np.sin(7 * t + rng.uniform(0, 6))], 1)
+        pts = np.stack(
+            [
+                cx - span / 2 + span * t,
+                cy - sag / 2 + sag * np.sin(math.pi * t) ** 1.5 + 0.03 * h * np.sin(7 * t + rng.uniform(0, 6)),
+            ],
+            1,
+        )
     gem_radius = rng.uniform(0.03, 0.05) * min(h, w)
     gem_centre = (pts[1000, 0], pts[1000, 1] + link * 2)
     top_left, size = canvas_around(np.vstack([pts, [gem_centre]]), gem_radius * 1.3 + link * 2)
@@ -306,8 +321,9 @@ def chain_piece(rng: np.random.Generator, shape: tuple[int, int], closed: bool, 
         direction = math.degrees(math.atan2(local[j, 1] - local[i - 1, 1], local[j, 0] - local[i - 1, 0]))
         minor = link * (0.32 if k % 2 else 0.18)  # alternate links face the camera and turn edge-on
         centre = (round(local[i, 0]), round(local[i, 1]))
-        cv2.ellipse(mask, centre, (round(link * 0.55), max(wire // 2, round(minor))), direction, 0, 360, 255, wire,
-                    cv2.LINE_AA)
+        cv2.ellipse(
+            mask, centre, (round(link * 0.55), max(wire // 2, round(minor))), direction, 0, 360, 255, wire, cv2.LINE_AA
+        )
     coverage = mask.astype(np.float32) / 255
     piece = Layer(metal_shading(coverage, METALS[metal], rng), coverage)
     chain = paste(piece, top_left, shape)
@@ -316,12 +332,19 @@ def chain_piece(rng: np.random.Generator, shape: tuple[int, int], closed: bool, 
     return gem_piece(rng, shape, clear=bool(rng.integers(2)), centre=gem_centre, radius=gem_radius).over(chain)
 
 
-GEM_TINTS = {"diamond": (235, 238, 245), "ruby": (200, 20, 45), "emerald": (20, 150, 80), "sapphire": (30, 60, 190),
-             "citrine": (235, 160, 40), "amethyst": (140, 60, 170)}
+GEM_TINTS = {
+    "diamond": (235, 238, 245),
+    "ruby": (200, 20, 45),
+    "emerald": (20, 150, 80),
+    "sapphire": (30, 60, 190),
+    "citrine": (235, 160, 40),
+    "amethyst": (140, 60, 170),
+}
 
 
-def draw_gem(rng: np.random.Generator, size: tuple[int, int], centre: tuple[float, float], radius: float, *,
-             clear: bool) -> Layer:
+def draw_gem(
+    rng: np.random.Generator, size: tuple[int, int], centre: tuple[float, float], radius: float, *, clear: bool
+) -> Layer:
     """A faceted stone in a rim with prongs on a supersampled canvas. Clear stones let the backdrop through
     (alpha 0.55..0.9 per facet); facets are bright or dark, as cut stones are."""
     name = "diamond" if clear else list(GEM_TINTS)[1 + rng.integers(len(GEM_TINTS) - 1)]
@@ -357,8 +380,14 @@ def draw_gem(rng: np.random.Generator, size: tuple[int, int], centre: tuple[floa
     return Layer(metal_shading(cover, METALS[metal], rng), cover).over(Layer(colour, alpha))
 
 
-def gem_piece(rng: np.random.Generator, shape: tuple[int, int], *, clear: bool,
-              centre: tuple[float, float] | None = None, radius: float | None = None) -> Layer:
+def gem_piece(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    *,
+    clear: bool,
+    centre: tuple[float, float] | None = None,
+    radius: float | None = None,
+) -> Layer:
     """A set stone; `centre` and `radius` in supersampled pixels (random if not given)."""
     if radius is None:
         radius = rng.uniform(0.04, 0.09) * min(shape) * SUPERSAMPLE
@@ -388,9 +417,13 @@ def sample_piece(rng: np.random.Generator, shape: tuple[int, int], source: Case)
     rgb = source.rgb.astype(np.float32)
     a = source.alpha
     clear = (a < 0.01).astype(np.float32)
-    near_bg = cv2.GaussianBlur(rgb * clear[..., None], (0, 0), 6) / (cv2.GaussianBlur(clear, (0, 0), 6)[..., None] + 1e-6)
+    near_bg = cv2.GaussianBlur(rgb * clear[..., None], (0, 0), 6) / (
+        cv2.GaussianBlur(clear, (0, 0), 6)[..., None] + 1e-6
+    )
     solid = (a > 0.99).astype(np.float32)
-    near_fg = cv2.GaussianBlur(rgb * solid[..., None], (0, 0), 3) / (cv2.GaussianBlur(solid, (0, 0), 3)[..., None] + 1e-6)
+    near_fg = cv2.GaussianBlur(rgb * solid[..., None], (0, 0), 3) / (
+        cv2.GaussianBlur(solid, (0, 0), 3)[..., None] + 1e-6
+    )
     unmixed = (rgb - (1 - a[..., None]) * near_bg) / np.maximum(a, 1e-3)[..., None]
     weight = np.clip((a - 0.2) / 0.6, 0, 1)[..., None]
     fg = np.clip(weight * unmixed + (1 - weight) * near_fg, 0, 255)
@@ -492,9 +525,14 @@ def main() -> None:
         if args.save_synthetic:
             args.save_synthetic.mkdir(parents=True, exist_ok=True)
             for case in synthetic:
-                cv2.imwrite(str(args.save_synthetic / f"{case.name}_photo.jpg"),
-                            cv2.cvtColor(case.rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 100])
-                cv2.imwrite(str(args.save_synthetic / f"{case.name}_alpha.png"), (case.alpha * 255).round().astype(np.uint8))
+                cv2.imwrite(
+                    str(args.save_synthetic / f"{case.name}_photo.jpg"),
+                    cv2.cvtColor(case.rgb, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 100],
+                )
+                cv2.imwrite(
+                    str(args.save_synthetic / f"{case.name}_alpha.png"), (case.alpha * 255).round().astype(np.uint8)
+                )
         report("held-out synthetic set", synthetic)
 
 

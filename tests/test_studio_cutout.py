@@ -71,7 +71,7 @@ def test_background_inside_a_ring_is_removed(cut_samples: dict) -> None:
     for name in rings:
         _, truth, cutout = cut_samples[name]
         background = (truth < 0.5).astype(np.uint8)
-        count, labels = cv2.connectedComponents(background, connectivity=4)
+        labels = cv2.connectedComponents(background, connectivity=4)[1]
         enclosed = (labels != labels[0, 0]) & (background > 0)
         depth = cv2.distanceTransform(enclosed.astype(np.uint8), cv2.DIST_L2, 5)
         y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
