@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 from supabase import AsyncClient
 
 from errors import DatabaseError, JobRunning, LeaseLost, ProductNotFound
+from retrying import RetryPolicy
 
 T = TypeVar("T")
 
@@ -168,16 +169,29 @@ def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 # Supabase (PostgREST through supabase-py)
 
 
+# RPCs that are safe to repeat get a few quick retries (a blip, a dropped keep-alive connection); a longer outage
+# is the worker's to ride out (the job is released and retried later, or its lease expires).
+IDEMPOTENT_RETRY = RetryPolicy(attempts=3, wait_initial_s=0.1, wait_max_s=1.0, total_s=5.0)
+
+
 class SupabaseStore:
     """Rows in Supabase Postgres. Needs the schema and functions of `migrations/`."""
 
     name = "supabase"
 
-    def __init__(self, *, client: AsyncClient, table: str = "products") -> None:
+    def __init__(self, *, client: AsyncClient, table: str = "products", retry: RetryPolicy = IDEMPOTENT_RETRY) -> None:
         self._client = client
         self._table = table
+        self._retry = retry
 
-    async def _run(self, what: str, query: Any) -> list[dict[str, Any]]:
+    async def _run(self, what: str, query: Any, *, idempotent: bool = False) -> list[dict[str, Any]]:
+        """Execute one PostgREST request. postgrest-py repeats reads (GET) itself when the connection fails; the
+        ``idempotent`` RPCs (POST: a heartbeat, setting a variant to a given value) are repeated here a few times
+        within seconds: an idle keep-alive connection closed by a proxy as the request went out is routine, and must
+        not cost a job an attempt. Claims and releases are never repeated: a lost response there is recovered by the
+        lease expiring."""
+        if idempotent:
+            return await self._retry.run(lambda: self._run(what, query))
         try:
             response = await query.execute()
         except APIError as exc:
@@ -189,8 +203,8 @@ class SupabaseStore:
         data = response.data
         return [data] if isinstance(data, dict) else list(data or [])
 
-    async def _rpc(self, fn: str, params: dict[str, Any]) -> list[Product]:
-        rows = await self._run(fn, self._client.rpc(fn, params))
+    async def _rpc(self, fn: str, params: dict[str, Any], *, idempotent: bool = False) -> list[Product]:
+        rows = await self._run(fn, self._client.rpc(fn, params), idempotent=idempotent)
         return [Product.from_row(row) for row in rows]
 
     async def create_product(
@@ -246,11 +260,11 @@ class SupabaseStore:
 
     async def heartbeat(self, product_id: UUID, *, worker_id: str, lease_s: float) -> bool:
         params = {"p_id": str(product_id), "p_worker": worker_id, "p_lease_seconds": lease_s}
-        return bool(await self._rpc("heartbeat_job", params))
+        return bool(await self._rpc("heartbeat_job", params, idempotent=True))
 
     async def set_variant(self, product_id: UUID, *, worker_id: str, variant: VariantState) -> Product:
         params = {"p_id": str(product_id), "p_worker": worker_id, "p_variant": variant.model_dump(mode="json")}
-        rows = await self._rpc("set_job_variant", params)
+        rows = await self._rpc("set_job_variant", params, idempotent=True)
         if not rows:
             raise LeaseLost(str(product_id), worker_id)
         return rows[0]

@@ -33,6 +33,11 @@ from storage import ImageStore, LocalImageStore, SupabaseImageStore
 
 log = structlog.get_logger(__name__)
 
+# Idle pooled connections are dropped after this long: well under the idle timeouts of the servers and proxies in
+# front of Supabase and the providers (uvicorn 5 s, nginx 75 s, cloud load balancers 60 s), so a request never goes
+# out on a connection the server is closing at that moment ("Server disconnected without sending a response").
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}"
@@ -246,7 +251,7 @@ async def open_services(
         http = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
         stack.push_async_callback(http.aclose)
 
@@ -255,7 +260,9 @@ async def open_services(
             assert settings.supabase_url and settings.supabase_service_role_key
             # HTTP/1.1: idle HTTP/2 connections to Supabase can drop ("Server disconnected").
             supabase_http = httpx.AsyncClient(
-                transport=supabase_transport, timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0)
+                transport=supabase_transport,
+                timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0),
+                limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
             )
             stack.push_async_callback(supabase_http.aclose)
             supabase = await acreate_client(

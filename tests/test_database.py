@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from uuid import UUID, uuid4
 
+import httpx
 import pytest
 
 from config import Settings
 from database import JobStatus, Product, ProductStore, VariantState, VariantStatus
-from errors import JobRunning, LeaseLost, ProductNotFound
+from errors import DatabaseError, JobRunning, LeaseLost, ProductNotFound
 from pipeline import initial_variants
 
 SPECS = Settings(_env_file=None).variant_specs()
@@ -192,3 +193,59 @@ async def test_requeue(store: ProductStore) -> None:
 
     newer = await store.requeue_product(job.id, variants=initial_variants(SPECS), raw_image_url="http://x/new.jpg")
     assert newer.raw_image_url == newer.image_url == "http://x/new.jpg"
+
+
+# ---- Supabase: a dropped connection --------------------------------------------------------------------------------
+
+
+class DropFirstRequests(httpx.AsyncBaseTransport):
+    """Fails the first ``drops`` requests as a keep-alive connection closed by a proxy would, then passes through."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, drops: int) -> None:
+        self.inner, self.drops, self.requests = inner, drops, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        if self.drops > 0:
+            self.drops -= 1
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.integration
+async def test_supabase_repeats_safe_requests_after_a_dropped_connection_but_never_a_claim(clean_products) -> None:
+    from supabase import AsyncClientOptions, acreate_client
+
+    from database import SupabaseStore
+    from retrying import RetryPolicy
+    from tests.pgstack import IN_PROCESS_URL
+
+    flaky = DropFirstRequests(clean_products.transport(), drops=0)
+    async with httpx.AsyncClient(transport=flaky) as http:
+        client = await acreate_client(IN_PROCESS_URL, clean_products.service_role_key,
+                                      options=AsyncClientOptions(httpx_client=http))
+        store = SupabaseStore(client=client, retry=RetryPolicy.immediate(attempts=3))
+        product = await new_product(store)
+
+        flaky.drops, flaky.requests = 1, 0
+        assert (await store.get_product(product.id)) == product  # a read is repeated (by postgrest-py itself)
+        assert flaky.requests == 2
+
+        flaky.drops, flaky.requests = 1, 0
+        with pytest.raises(DatabaseError, match="RemoteProtocolError"):
+            await store.claim_next_job(worker_id="w1", lease_s=30)  # a claim is not: it may have happened
+        assert flaky.requests == 1
+
+        job = await store.claim_next_job(worker_id="w1", lease_s=30)
+        assert job is not None and job.id == product.id
+        flaky.drops, flaky.requests = 1, 0
+        assert await store.heartbeat(job.id, worker_id="w1", lease_s=30)  # heartbeats and variants are repeatable
+        assert flaky.requests == 2
+
+        flaky.drops, flaky.requests = 5, 0
+        with pytest.raises(DatabaseError):  # a longer outage is reported, after the policy's attempts
+            await store.set_variant(job.id, worker_id="w1", variant=job.variants[0])
+        assert flaky.requests == 3
