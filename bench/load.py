@@ -73,6 +73,26 @@ def configure(base_url: str, body: dict[str, object]) -> None:
     httpx.post(f"{base_url}/__admin/configure", json=body, timeout=10).raise_for_status()
 
 
+def seed_products(base_url: str, count: int) -> list[str]:
+    """Upload ``count`` photos before the run, so the pollers have products to read from the first second."""
+    return [httpx.post(f"{base_url}/process", files={"file": ("p.jpg", PHOTO, "image/jpeg")},
+                       timeout=30).json()["product_id"] for _ in range(count)]
+
+
+def start_bare(tmp: Path, base_url: str, product_id: str, port: int) -> subprocess.Popen[bytes]:
+    """The bare FastAPI endpoint, serving the JSON of one of the service's product rows, as its own process."""
+    (tmp / "body.json").write_text(json.dumps(httpx.get(f"{base_url}/product/{product_id}").json()))
+    (tmp / "bare_app.py").write_text(BARE_APP)
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--log-level", "warning"],
+        cwd=tmp, env={**os.environ, "BARE_BODY": str(tmp / "body.json")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def count_done(base_url: str, ids: list[str]) -> int:
+    return sum(httpx.get(f"{base_url}/product/{product_id}").json()["status"] == "done" for product_id in ids)
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -84,7 +104,7 @@ async def poller(client: httpx.AsyncClient, ids: list[str], stats: Stats, stop: 
     while not stop.is_set():
         started = time.perf_counter()
         try:
-            response = await client.get(f"/product/{random.choice(ids)}")  # noqa: S311
+            response = await client.get(f"/product/{random.choice(ids)}")
             if response.status_code != 200:
                 stats.error(f"HTTP {response.status_code}")
             else:
@@ -157,17 +177,8 @@ async def run(args: argparse.Namespace) -> None:
         ).start()
         bare_port = free_port()
         try:
-            seed = [httpx.post(f"{service.base_url}/process", files={"file": ("p.jpg", PHOTO, "image/jpeg")},
-                               timeout=30).json()["product_id"] for _ in range(10)]
-            body = httpx.get(f"{service.base_url}/product/{seed[0]}").json()
-            Path(tmp, "body.json").write_text(json.dumps(body))
-            Path(tmp, "bare_app.py").write_text(BARE_APP)
-            bare = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(bare_port), "--log-level",
-                 "warning"], cwd=tmp, env={**os.environ, "BARE_BODY": f"{tmp}/body.json"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            fakes.append(bare)
-            ids = list(seed)
+            ids = await asyncio.to_thread(seed_products, service.base_url, 10)
+            fakes.append(await asyncio.to_thread(start_bare, Path(tmp), service.base_url, ids[0], bare_port))
             print(f"service under load: {args.pollers} pollers + {args.uploads_per_s} uploads/s for "
                   f"{args.seconds:.0f} s (cut-out {args.cutout_s} s, variants {args.variant_s} s)")
             loaded = await drive(service.base_url, ids, args.seconds, args.pollers, args.uploads_per_s)
@@ -176,8 +187,7 @@ async def run(args: argparse.Namespace) -> None:
             service_only = await drive(service.base_url, ids, args.compare_seconds, args.pollers, 0)
             await wait_ready(f"http://127.0.0.1:{bare_port}")
             bare_only = await drive(f"http://127.0.0.1:{bare_port}", ids, args.compare_seconds, args.pollers, 0)
-            done = sum(1 for product_id in ids[-50:]
-                       if httpx.get(f"{service.base_url}/product/{product_id}").json()["status"] == "done")
+            done = await asyncio.to_thread(count_done, service.base_url, ids[-50:])
         finally:
             service.stop()
             for process in fakes:

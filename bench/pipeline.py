@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from ai_clients import CutoutResult, TaskSubmitted, VariantRequest  # noqa: E402
 from config import Settings  # noqa: E402
-from logging_config import configure_logging  # noqa: E402
 from database import JobStatus  # noqa: E402
+from logging_config import configure_logging  # noqa: E402
 from main import create_app  # noqa: E402
 from pipeline import submit_product  # noqa: E402
 from worker import Worker, open_services  # noqa: E402

@@ -79,7 +79,7 @@ async def eventually(check: Callable[[], Any], timeout_s: float = 10.0, interval
             await asyncio.sleep(interval_s)
 
 
-# ---- real PostgreSQL + PostgREST, shaped like Supabase ----------------------------------------------------------------
+# ---- real PostgreSQL + PostgREST, shaped like Supabase ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +123,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path):
             yield SupabaseStore(client=client)
 
 
-# ---- services with scripted providers ---------------------------------------------------------------------------------
+# ---- services with scripted providers --------------------------------------------------------------------------------
 
 
 class ScriptedRemover:

@@ -262,7 +262,7 @@ async def test_nanobanana_body_code_errors_with_http_200_are_permanent(http: htt
 @pytest.mark.parametrize("code", [429, 455, 500, 501, 505])
 @respx.mock
 async def test_nanobanana_transient_body_codes_retry_the_submit(http: httpx.AsyncClient, code: int) -> None:
-    submit, poll, download = nano_routes(record(1, f"{FILES}/r.png"))
+    submit, _poll, _download = nano_routes(record(1, f"{FILES}/r.png"))
     submit.mock(side_effect=[envelope(code, msg="busy"), envelope(data={"taskId": "t1"})])
     await nano_client(http).generate(request_for(), task_id=None, on_submitted=Submitted())
     assert submit.call_count == 2
@@ -301,7 +301,7 @@ async def test_nanobanana_poll_that_keeps_failing_gives_up_without_resubmitting(
 
 @respx.mock
 async def test_nanobanana_resumes_a_saved_task_without_submitting(http: httpx.AsyncClient) -> None:
-    submit, poll, download = nano_routes(record(1, f"{FILES}/r.png"))
+    submit, poll, _download = nano_routes(record(1, f"{FILES}/r.png"))
     submitted = Submitted()
     assert await nano_client(http).generate(request_for(), task_id="t1", on_submitted=submitted) == PNG
     assert submit.call_count == 0
@@ -354,7 +354,7 @@ async def test_nanobanana_deadline(http: httpx.AsyncClient) -> None:
 
 @respx.mock
 async def test_nanobanana_callback_hint_polls_at_once(http: httpx.AsyncClient) -> None:
-    submit, poll, _ = nano_routes([record(0), record(1, f"{FILES}/r.png")])
+    _submit, poll, _ = nano_routes([record(0), record(1, f"{FILES}/r.png")])
     client = NanobanaClient(http=http, api_key=SecretStr("k"), base_url=NANO, callback_url="https://x/cb",
                             retry=RetryPolicy.immediate(), limiter=asyncio.Semaphore(1), poll_interval_s=30)
 
