@@ -78,6 +78,13 @@ HOLE_MAX_BUSY = 0.1  # ...and so are those with more steep pixels than this shar
 SPECK_SHARE = 2e-5  # components smaller than this share of the image are dropped...
 SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
 
+# Confidence
+EDGE_SIGMA = 1.5  # px at the segmentation size: smoothing before outline edges are traced (noise makes none)
+EDGE_STEP = 2.0  # Lab units: the least step in colour that counts as an outline edge, however clean the backdrop
+RIM_ERROR_PX = 1.0  # px at the segmentation size: how far the labels' edge typically sits from the true outline
+UNEXPLAINED_WEIGHT = 2.0  # confidence falls by 1/e per half a rim length of outline edges left outside the cut
+CANNY_HIGH = 100.0  # Canny's high threshold on the rescaled derivatives (the low one, for hysteresis, is half)
+
 # Matte
 MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
 MATTE_OFF_LINE = 0.3  # distance off the backdrop-piece line, as a share of its length, at which trust drops to 1/e
@@ -388,7 +395,8 @@ def segment(small: ByteImage) -> Segmentation:
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     if np.count_nonzero(foreground) < MIN_PIECE_PX:
         return Segmentation(np.zeros(shape, bool), field, 0.0)
-    return Segmentation(foreground, field, assess(foreground, previous, unary, border))
+    confidence = assess(foreground, previous, unary, border, outline_edges(lab, border))
+    return Segmentation(foreground, field, confidence)
 
 
 def colour_term(lab: FloatImage, unary: FloatImage, backdrop: Mixture, piece: Mixture) -> FloatImage:
@@ -405,10 +413,15 @@ def colour_term(lab: FloatImage, unary: FloatImage, backdrop: Mixture, piece: Mi
     return vote
 
 
-def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border: BoolImage) -> float:
+def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border: BoolImage, edges: BoolImage) -> float:
     """How clean the cut-out is likely to be, 0..1, from what the segmentation itself shows: labels that kept
     moving between rounds, a boundary region where the evidence is weak or contradicts the labels, piece touching
-    the image border (a backdrop that didn't fit, or a crop), an implausible size, and many fragments."""
+    the image border (a backdrop that didn't fit, or a crop), an implausible size, many fragments, a thin piece
+    (a pixel of error along its rim is a large share of it), and outline edges that run on outside the cut.
+
+    The last is the main sign of a cut that went wrong: the piece's outline is an edge, so edges continuing the
+    cut's outline beyond it mean a part of the piece was missed (polished metal mirroring the backdrop) or the cut
+    follows something else (a shadow taken in, where the backdrop's texture edges run on under it)."""
     area = int(np.count_nonzero(foreground)) / foreground.size
     union = int(np.count_nonzero(foreground | previous))
     stability = int(np.count_nonzero(foreground & previous)) / union if union else 0.0
@@ -423,7 +436,38 @@ def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border
     areas = stats[1:, cv2.CC_STAT_AREA]
     dust = float(areas[areas < 0.01 * areas.sum()].sum() / max(1, areas.sum()))
     fragments = float(np.clip(1.0 - 10.0 * dust, 0.0, 1.0))
-    return float(np.clip(stability**2 * clarity * framing * size * fragments, 0.0, 1.0))
+    labels = foreground.astype(np.uint8)
+    rim_length = max(1.0, np.count_nonzero(cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))) / 2)
+    half_width = np.count_nonzero(foreground) / rim_length  # a band w wide and L long: area w L, rim 2 L
+    precision = float(np.clip(1.0 - RIM_ERROR_PX / half_width, 0.0, 1.0))
+    near = cv2.dilate(labels, np.ones((5, 5), np.uint8)).astype(bool)
+    count, pieces = cv2.connectedComponents(edges.astype(np.uint8), connectivity=8)
+    attached = np.zeros(count, bool)
+    attached[pieces[near & edges]] = True
+    attached[0] = False
+    unexplained = np.count_nonzero(attached[pieces] & ~near) / rim_length
+    explained = float(np.exp(-UNEXPLAINED_WEIGHT * unexplained))
+    quality = stability**2 * clarity * framing * size * fragments * precision * explained
+    return float(np.clip(quality, 0.0, 1.0))
+
+
+def outline_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
+    """Thin edges (Canny on the Lab gradient after a little smoothing) stronger than any but the rarest on the
+    `reference` backdrop pixels and than a step of EDGE_STEP: where an outline can be."""
+    smooth = cv2.GaussianBlur(lab, (0, 0), EDGE_SIGMA)
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+    strength = gx * gx + gy * gy
+    strongest = np.argmax(strength, axis=-1)[..., None]  # Canny follows the channel that changes most
+    dx = np.take_along_axis(gx, strongest, -1)[..., 0]
+    dy = np.take_along_axis(gy, strongest, -1)[..., 0]
+    magnitude = np.sqrt(strength.sum(-1))
+    step_response = 8.0 / (EDGE_SIGMA * np.sqrt(2 * np.pi))  # 3×3 Sobel on a unit step blurred by EDGE_SIGMA
+    high = max(float(np.quantile(magnitude[reference], BACKDROP_QUANTILE)), EDGE_STEP * step_response)
+    scale = CANNY_HIGH / high  # Canny wants integer derivatives: the high threshold lands on CANNY_HIGH
+    dx16 = np.round(dx * scale).astype(np.int16)
+    dy16 = np.round(dy * scale).astype(np.int16)
+    return as_bool(cv2.Canny(dx16, dy16, CANNY_HIGH / 2, CANNY_HIGH, L2gradient=True) > 0)
 
 
 def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
