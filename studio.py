@@ -25,6 +25,7 @@ Everything here is a pure function of its input: deterministic, no state, safe t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -260,6 +261,16 @@ class Segmentation:
     confidence: float
 
 
+def dot(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> FloatImage:
+    """Per-pixel dot product of colour vectors (sum over the last axis), much faster than (a * b).sum(-1)."""
+    return as_float(np.einsum("...i,...i->...", a, b))
+
+
+def length(a: npt.NDArray[np.floating[Any]]) -> FloatImage:
+    """Per-pixel length of colour vectors."""
+    return as_float(np.sqrt(dot(a, a)))
+
+
 def as_float(image: object) -> FloatImage:
     """OpenCV's results as the float32 arrays they are (its stubs type them loosely)."""
     return np.asarray(image, dtype=np.float32)
@@ -290,7 +301,7 @@ def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float,
     return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
 
 
-def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> FloatImage:
+def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> tuple[FloatImage, BoolImage]:
     """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field.
 
     Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
@@ -298,10 +309,13 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     Each is calibrated on the backdrop itself: its value at the backdrop's BACKDROP_QUANTILE is the threshold, so a
     textured backdrop (grain lines, weave) raises its own bar. Darker with the backdrop's chroma is what a shadow
     looks like, and also what grey metal looks like: that gets only a weak vote, growing with depth, and the
-    contrast term decides."""
+    contrast term decides.
+
+    Also returns which pixels look like a shadow: darker than the lit backdrop, by no more than the deepest shadow
+    explained."""
     v = lab + np.array([16.0, 0, 0], np.float32)
     f = field + np.array([16.0, 0, 0], np.float32)
-    level = (v * f).sum(-1) / np.maximum((f * f).sum(-1), 1e-6)
+    level = dot(v, f) / np.maximum(dot(f, f), 1e-6)
     across = (v - level[..., None] * f).astype(np.float32)
     sample = across[reference]
     if sample.shape[0] > 20000:
@@ -309,17 +323,17 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     precision = np.linalg.inv(np.cov(sample.T.astype(np.float64)) + np.eye(3) * CHROMA_NOISE_FLOOR**2)
     whiten = np.linalg.cholesky(precision).astype(np.float32)
     whitened = across @ whiten
-    chroma = np.sqrt((whitened * whitened).sum(-1))
+    chroma = np.sqrt(dot(whitened, whitened))
     if SHADOW_SATURATION > 0:
         # In shadow a coloured backdrop is lit by light it reflected itself: darker and more saturated. Fit lightness
         # and chroma scales separately; within the allowed boost the remaining departure is what counts.
         f_light = f * np.array([1.0, 0, 0], np.float32)
         f_chroma = f * np.array([0, 1.0, 1.0], np.float32)
-        light = (v * f_light).sum(-1) / np.maximum((f_light * f_light).sum(-1), 1e-6)
-        tone = (v * f_chroma).sum(-1) / np.maximum((f_chroma * f_chroma).sum(-1), 1e-6)
+        light = dot(v, f_light) / np.maximum(dot(f_light, f_light), 1e-6)
+        tone = dot(v, f_chroma) / np.maximum(dot(f_chroma, f_chroma), 1e-6)
         tone = np.clip(tone, light, light * (1 + SHADOW_SATURATION * np.clip(1 - light, 0, 1) / (1 - SHADOW_MIN_SCALE)))
         boosted = (v - light[..., None] * f_light - tone[..., None] * f_chroma) @ whiten
-        chroma = np.where(light < 1, np.minimum(chroma, np.sqrt((boosted * boosted).sum(-1))), chroma)
+        chroma = np.where(light < 1, np.minimum(chroma, np.sqrt(dot(boosted, boosted))), chroma)
 
     brightness = np.log(np.maximum(level, 1e-3)).astype(np.float32)
     lit, lit_spread = robust_spread(brightness[reference], LEVEL_NOISE_FLOOR)
@@ -347,7 +361,8 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     piece = 0.5 * (z * z - EVIDENCE_THRESHOLD**2)
     darker = brightness - lit < -EVIDENCE_THRESHOLD * lit_spread
     shadowed = np.where(darker, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
-    return as_float(np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)))
+    unary = as_float(np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)))
+    return unary, as_bool(darker & (brightness - lit > darkest))
 
 
 def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -360,47 +375,98 @@ def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def segment(small: ByteImage) -> Segmentation:
-    """Label the piece in a photo already reduced to the segmentation size."""
+    """Label the piece in a photo already reduced to the segmentation size.
+
+    Per pixel, a dim region with the backdrop's chroma is a shadow or a part of the piece (grey metal, a clear
+    stone) alike, and a tinted contact shadow can look like the piece's own dim colours. So the cut is made under
+    two hypotheses, and the one whose result the image supports better (`assess`: above all, an outline that is
+    an edge all round with no edges running on outside it) is kept:
+
+    - lenient: the colour mixtures may vote for the piece anywhere, and regions enclosed by steep edges near the
+      piece are filled when narrow or busy (grey metal, a clear stone's facets, a thin band);
+    - strict: in shadow-like pixels the colour mixtures may only vote against the piece (a shadow fading into the
+      backdrop is then left to the field evidence and the contrast term), and the piece's outline is closed with
+      thin edges that touch it (so a stone's facets are still filled).
+    """
     lab = to_lab(as_bytes(cv2.GaussianBlur(small, (0, 0), 0.8)))
-    shape = lab.shape[:2]
-    border = border_band(shape)
+    border = border_band(lab.shape[:2])
     pairwise = contrast_weights(lab)
+    outline = outline_edges(lab, border)
     # First guess: what departs from a coarse field predicted from the border alone, kept only where it has a
     # visible outline (a fold in velvet or a swell of light departs too, but softly).
     field = backdrop_field(lab, border, finest=1 / 8)
-    seeds = outlined(field_evidence(lab, field, border) > SEED_EVIDENCE, steep_edges(lab, border))
+    seeds = outlined(field_evidence(lab, field, border)[0] > SEED_EVIDENCE, steep_edges(lab, border))
     background = ~cv2.dilate(seeds.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
-    foreground = previous = np.zeros(shape, bool)
-    unary = np.zeros(shape, np.float32)
-    for round_ in range(CUT_ROUNDS):
-        field = lit_field(lab, background)
-        unary = field_evidence(lab, field, background)
-        if round_:
-            # The piece's colours from its labels where the evidence doesn't speak against them: a shadow wrongly
-            # taken in last round must not teach the model its colour.
-            known = foreground & (unary > PIECE_MODEL_EVIDENCE)
-            if np.count_nonzero(known) < MIN_PIECE_PX:
-                known = foreground
-        else:
-            known = unary > SEED_EVIDENCE
+    first = learn(lab, background, None)
+    if first is None:
+        return Segmentation(np.zeros(lab.shape[:2], bool), lit_field(lab, background), 0.0)
+    hypotheses = [cut(lab, background, first, pairwise, outline, strict=strict) for strict in (False, True)]
+    return max(hypotheses, key=lambda segmentation: segmentation.confidence)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a round of the cut learns from its current background (and foreground)."""
+
+    field: FloatImage  # the lit backdrop field, Lab
+    unary: FloatImage  # field evidence, nats (> 0 favours the piece)
+    shadow_like: BoolImage  # darker than the lit backdrop, within the depth of a shadow
+    backdrop_colours: Mixture
+    piece_colours: Mixture
+
+
+def learn(lab: FloatImage, background: BoolImage, foreground: BoolImage | None) -> Model | None:
+    """The backdrop field, the field evidence and both colour mixtures; None if there is nothing to learn the
+    piece's colours from. Without a `foreground` (the first round) the piece's colours come from the pixels of
+    strong evidence; after that from its labels where the evidence doesn't speak against them, so a shadow
+    wrongly taken in last round does not teach the model its colour."""
+    field = lit_field(lab, background)
+    unary, shadow_like = field_evidence(lab, field, background)
+    if foreground is None:
+        known = unary > SEED_EVIDENCE
+    else:
+        known = foreground & (unary > PIECE_MODEL_EVIDENCE)
         if np.count_nonzero(known) < MIN_PIECE_PX:
-            return Segmentation(np.zeros(shape, bool), field, 0.0)
-        backdrop_colours = fit_mixture(shadowed_samples(lab[background]), GMM_COMPONENTS, floor=1.0)
-        piece_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
-        unary += colour_term(lab, unary, backdrop_colours, piece_colours)
+            known = foreground
+    if np.count_nonzero(known) < MIN_PIECE_PX:
+        return None
+    backdrop_colours = fit_mixture(shadowed_samples(lab[background]), GMM_COMPONENTS, floor=1.0)
+    piece_colours = fit_mixture(lab[known], GMM_COMPONENTS, floor=1.5)
+    return Model(field, unary, shadow_like, backdrop_colours, piece_colours)
+
+
+def cut(
+    lab: FloatImage, background: BoolImage, first: Model, pairwise: Pairwise, outline: BoolImage, *, strict: bool
+) -> Segmentation:
+    """CUT_ROUNDS rounds of: graph cut on the field evidence plus the colour mixtures' vote, outline closure, then
+    the field, evidence and mixtures learnt again from the new labels. `first` is the first round's model (the same
+    for both hypotheses); `strict` is the hypothesis described in `segment`."""
+    shape = lab.shape[:2]
+    border = border_band(shape)
+    foreground = previous = np.zeros(shape, bool)
+    model: Model | None = first
+    unary = first.unary
+    for round_ in range(CUT_ROUNDS):
+        if round_:
+            model = learn(lab, background, foreground)
+        if model is None:
+            return Segmentation(np.zeros(shape, bool), first.field, 0.0)
+        quiet = model.shadow_like if strict else np.zeros(shape, bool)
+        unary = model.unary + colour_term(lab, model.unary, model.backdrop_colours, model.piece_colours, quiet)
         unary[border & (unary < 0)] = -1e3
         previous = foreground
         steep = steep_edges(lab, background)
-        foreground = close_outline(outlined(drop_specks(graph_cut(unary, pairwise)), steep), steep)
+        foreground = outlined(drop_specks(graph_cut(unary, pairwise)), steep)
+        foreground = close_outline(foreground, steep, outline if strict else None)
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    if np.count_nonzero(foreground) < MIN_PIECE_PX:
-        return Segmentation(np.zeros(shape, bool), field, 0.0)
-    confidence = assess(foreground, previous, unary, border, outline_edges(lab, border))
-    return Segmentation(foreground, field, confidence)
+    if model is None or np.count_nonzero(foreground) < MIN_PIECE_PX:
+        return Segmentation(np.zeros(shape, bool), first.field, 0.0)
+    return Segmentation(foreground, model.field, assess(foreground, previous, unary, border, outline))
 
 
-def colour_term(lab: FloatImage, unary: FloatImage, backdrop: Mixture, piece: Mixture) -> FloatImage:
-    """The colour mixtures' vote (nats, > 0 favours the piece), capped at COLOUR_CAP either way.
+def colour_term(lab: FloatImage, unary: FloatImage, backdrop: Mixture, piece: Mixture, quiet: BoolImage) -> FloatImage:
+    """The colour mixtures' vote (nats, > 0 favours the piece), capped at COLOUR_CAP either way; at `quiet` pixels
+    it may only vote against the piece.
 
     It is evaluated only where it can change the cut: pixels whose field evidence is so low that even the largest
     vote leaves them outside the graph (and more than the graph's dilation away from any that enter) get the
@@ -410,7 +476,7 @@ def colour_term(lab: FloatImage, unary: FloatImage, backdrop: Mixture, piece: Mi
     vote = np.full(unary.shape, -COLOUR_CAP, np.float32)
     colours = lab[where]
     vote[where] = np.clip(backdrop.cost(colours) - piece.cost(colours), -COLOUR_CAP, COLOUR_CAP)
-    return vote
+    return as_float(np.where(quiet, np.minimum(vote, 0), vote))
 
 
 def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border: BoolImage, edges: BoolImage) -> float:
@@ -461,7 +527,7 @@ def outline_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
     strongest = np.argmax(strength, axis=-1)[..., None]  # Canny follows the channel that changes most
     dx = np.take_along_axis(gx, strongest, -1)[..., 0]
     dy = np.take_along_axis(gy, strongest, -1)[..., 0]
-    magnitude = np.sqrt(strength.sum(-1))
+    magnitude = np.sqrt(strength[..., 0] + strength[..., 1] + strength[..., 2])
     step_response = 8.0 / (EDGE_SIGMA * np.sqrt(2 * np.pi))  # 3×3 Sobel on a unit step blurred by EDGE_SIGMA
     high = max(float(np.quantile(magnitude[reference], BACKDROP_QUANTILE)), EDGE_STEP * step_response)
     scale = CANNY_HIGH / high  # Canny wants integer derivatives: the high threshold lands on CANNY_HIGH
@@ -472,13 +538,13 @@ def outline_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
 
 def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
     """Pixels whose gradient is steeper than nearly all of the backdrop's own."""
-    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
-    steepness = np.sqrt((gx * gx + gy * gy).sum(-1))
+    gx = as_float(cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3))
+    gy = as_float(cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3))
+    steepness = np.sqrt(dot(gx, gx) + dot(gy, gy))
     return as_bool(steepness > np.quantile(steepness[reference], OUTLINE_QUANTILE))
 
 
-def close_outline(foreground: BoolImage, steep: BoolImage) -> BoolImage:
+def close_outline(foreground: BoolImage, steep: BoolImage, outline: BoolImage | None) -> BoolImage:
     """Fill what the piece's outline encloses, except true holes.
 
     Polished metal can mirror the backdrop so exactly that only its outline shows: steep edges connected to the piece
@@ -486,16 +552,20 @@ def close_outline(foreground: BoolImage, steep: BoolImage) -> BoolImage:
     as smooth as the backdrop; a thin sliver between outlines, or a busy region (the facets of a clear stone), is
     filled."""
     side = max(foreground.shape)
-    near = cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    reach = max(3, round(OUTLINE_REACH * side)) | 1
-    around = cv2.dilate(foreground.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
-    edges = (steep & (around > 0)).astype(np.uint8)
+    if outline is None:
+        near = cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        reach = max(3, round(OUTLINE_REACH * side)) | 1
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach))
+        edges = (steep & (cv2.dilate(foreground.astype(np.uint8), disk) > 0)).astype(np.uint8)
+    else:
+        near = cv2.dilate(foreground.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        edges = outline.astype(np.uint8)
     count, labels = cv2.connectedComponents(edges, connectivity=8)
     touching = np.zeros(count, bool)
     touching[labels[near & (edges > 0)]] = True
     touching[0] = False
-    outline = touching[labels]
-    closed = foreground | outline
+    attached = touching[labels]
+    closed = foreground | attached
     count, labels = cv2.connectedComponents((~closed).astype(np.uint8), connectivity=4)
     outside = np.zeros(count, bool)
     outside[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
@@ -508,7 +578,7 @@ def close_outline(foreground: BoolImage, steep: BoolImage) -> BoolImage:
     fill = ~outside & ((widest < HOLE_MIN_RADIUS * side) | (busy > HOLE_MAX_BUSY))
     fill[0] = False
     filled = fill[labels] & ~closed
-    seam = outline & cv2.dilate(filled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    seam = attached & cv2.dilate(filled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     return as_bool(foreground | filled | seam)
 
 
@@ -545,8 +615,8 @@ class Pairwise:
 def contrast_weights(lab: FloatImage) -> Pairwise:
     """Contrast-sensitive smoothness (as in GrabCut): neighbours that differ little, relative to the image's mean
     squared difference between neighbours, are expensive to separate."""
-    dx = ((lab[:, 1:] - lab[:, :-1]) ** 2).sum(-1)
-    dy = ((lab[1:] - lab[:-1]) ** 2).sum(-1)
+    across, down = lab[:, 1:] - lab[:, :-1], lab[1:] - lab[:-1]
+    dx, dy = dot(across, across), dot(down, down)
     beta = 1.0 / (2.0 * (float(np.mean(np.concatenate([dx.ravel(), dy.ravel()]))) + 1e-3))
     return Pairwise(SMOOTHNESS * np.exp(-beta * dx), SMOOTHNESS * np.exp(-beta * dy))
 
@@ -651,7 +721,7 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     backdrop = near * backdrop + (1 - near) * field_rgb
     # Weighting by unlikeness to the backdrop: a too-wide label band or a chain with no sure pixels still yields
     # the piece's own colour rather than a mix.
-    difference = np.linalg.norm(image - backdrop, axis=-1) / 255.0
+    difference = length(image - backdrop) / 255.0
     region = sure_fg + unknown
     candidates = [local_mean(image, region * difference**power + 1e-9, sigma)[0] for power in MATTE_FG_POWERS]
     # and the highlights: metal brighter than the backdrop
@@ -683,19 +753,19 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     for candidate in candidates:
         c = candidate[band]
         c_span = c - b
-        c_span2 = np.maximum((c_span * c_span).sum(-1), 1e-3)
-        c_alpha = np.clip(((at - b) * c_span).sum(-1) / c_span2, 0, 1)
-        error = np.linalg.norm(at - b - c_alpha[:, None] * c_span, axis=-1) / np.sqrt(c_span2)
+        c_span2 = np.maximum(dot(c_span, c_span), 1e-3)
+        c_alpha = np.clip(dot(at - b, c_span) / c_span2, 0, 1)
+        error = length(at - b - c_alpha[:, None] * c_span) / np.sqrt(c_span2)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         solved = np.where(better, c_alpha, solved)
         f = np.where(better[:, None], c, f)
     span = f - b
-    span2 = (span * span).sum(-1)
+    span2 = dot(span, span)
     reliable = span2 / (span2 + MATTE_CONTRAST**2)
     # A pixel far off the line between backdrop and piece colour (a highlight on metal shaded unlike its
     # neighbours) is not explained by this pair: trust the labels there instead.
-    off_line = np.linalg.norm(at - b - solved[:, None] * span, axis=-1)
+    off_line = length(at - b - solved[:, None] * span)
     reliable *= np.exp(-((off_line / (MATTE_OFF_LINE * np.sqrt(span2) + MATTE_CONTRAST)) ** 2))
     a = np.maximum(reliable * solved + (1 - reliable) * soft[band], floor[band])
     weight = unknown[band]
