@@ -14,10 +14,16 @@ cover the image border and to be smooth or stationary in texture (paper sweeps, 
    learnt from both sides and a contrast-sensitive smoothness term; three rounds re-fit the field and the mixtures.
    Components without a visible outline (a velvet fold, a swell of light) and specks are dropped; regions enclosed
    by the piece are kept as holes (a ring's inside, a chain loop) when wide and smooth like the backdrop, and filled
-   when thin or busy (a clear stone's facets).
+   when thin or busy (a clear stone's facets). A dim region with the backdrop's chroma is a shadow or grey metal
+   alike, so the cut is made under two hypotheses (colour may say "piece" there, or only "backdrop") and the one
+   whose result the image supports better (its confidence, below) is kept.
 4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)B per pixel of the full image,
    with B the local backdrop colour and F the best of a few local piece colours; a guided filter of the labels takes
    over where F and B are too alike. Colours there are unmixed from B, so no fringe of the old backdrop remains.
+5. Confidence. From the segmentation: stable labels, evidence that agrees with them along the boundary, a plausible
+   size and framing, few fragments, a piece thick enough for a pixel of rim error not to matter, and above all an
+   outline that is an edge all round with no edges running on outside the cut (which is what a missed mirror-like
+   part of the piece, or a shadow taken in, leaves behind).
 
 Everything here is a pure function of its input: deterministic, no state, safe to run in several threads at once.
 """
