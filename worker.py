@@ -21,7 +21,7 @@ import httpx
 import structlog
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-import studio_providers as studio
+import studio
 from ai_clients import BackgroundRemover, NanobanaClient, ReveClient, VariantGenerator
 from config import Settings
 from database import Product, ProductStore, SqliteStore, SupabaseStore

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scenes_draft import SCENE_KEYS, encode_marketplace_jpeg, render_marketplace, render_scene  # noqa: E402
+from studio import SCENE_KEYS, encode_marketplace_jpeg, render_marketplace, render_scene  # noqa: E402
 
 SAMPLES = REPO.parent / "shared" / "samples"
 ByteImage = npt.NDArray[np.uint8]

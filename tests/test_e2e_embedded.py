@@ -9,11 +9,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from studio import MARKETPLACE_FILL, SCENE_FILL, SCENE_FRAME_PX, place_piece
 from tests.conftest import sample_photos
 from tests.service_process import ServiceProcess, stopped_cleanly
 
@@ -73,11 +75,36 @@ def test_a_sample_photo_becomes_a_cutout_four_scenes_and_a_white_image(service: 
     alpha = np.asarray(cutout.getchannel("A"))
     assert alpha.min() == 0 and alpha.max() == 255, "a cut-out has both background and piece"
 
+    # The scenes: 2048 px squares, and the piece in each is the cut-out's own pixels, never repainted.
+    placement = place_piece(np.asarray(cutout), SCENE_FRAME_PX, SCENE_FILL)
+    assert max(placement.piece.shape[:2]) == round(SCENE_FILL * SCENE_FRAME_PX)
+    box = np.s_[placement.y : placement.y + placement.piece.shape[0],
+                placement.x : placement.x + placement.piece.shape[1]]
+    opaque = placement.piece[..., 3] == 255
+    assert opaque.mean() > 0.05, "the placed piece has a solid body"
+    scenes = []
     for url in row["generated_image_urls"]:
         variant = fetch_image(url)
-        assert variant.format == "PNG" and variant.size[0] == variant.size[1] >= 1024
+        assert variant.format == "PNG" and variant.size == (SCENE_FRAME_PX, SCENE_FRAME_PX)
+        pixels = np.asarray(variant.convert("RGB"))
+        assert np.array_equal(pixels[box][opaque], placement.piece[..., :3][opaque]), url
+        scenes.append(pixels)
+    # ...on four different rendered backdrops, none of them flat.
+    corners = [scene[:256, :256].reshape(-1, 3) for scene in scenes]
+    assert all(corner.std(axis=0).max() > 1.0 for corner in corners), "procedural texture, not a flat colour"
+    assert len({tuple(np.round(corner.mean(axis=0) / 8)) for corner in corners}) == 4
 
+    # The marketplace image: a 2000 px JPEG, pure white wherever the piece is not, the piece at about 85 %.
     marketplace = fetch_image(row["marketplace_image_url"])
     assert marketplace.format == "JPEG" and marketplace.size == (2000, 2000)
-    corner = np.asarray(marketplace.convert("RGB"))[:100, :100]
-    assert (corner == 255).all(), "the marketplace background is pure white"
+    white = np.asarray(marketplace.convert("RGB"))
+    placed = place_piece(np.asarray(cutout), 2000, MARKETPLACE_FILL)
+    piece = np.zeros((2000, 2000), np.uint8)
+    piece[placed.y : placed.y + placed.piece.shape[0], placed.x : placed.x + placed.piece.shape[1]] = (
+        placed.piece[..., 3] > 0)
+    # JPEG blocks are 8 px: every pixel more than one block (diagonal) away from the piece is exactly #FFFFFF.
+    far = cv2.distanceTransform(1 - piece, cv2.DIST_L2, 5) > 8 * np.sqrt(2)
+    assert (white[far] == 255).all(), "the marketplace background is pure white"
+    rows, cols = np.nonzero((white < 250).any(axis=2))
+    extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+    assert 0.83 * 2000 <= extent <= 0.87 * 2000, extent

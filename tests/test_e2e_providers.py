@@ -7,12 +7,14 @@ app (NanoBanana fetches the cut-out from it by URL, as the real one does), the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -57,6 +59,12 @@ class Stack:
 
 @pytest.fixture
 async def stack(make_settings: Any) -> AsyncIterator[Stack]:
+    async with open_stack(make_settings) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def open_stack(make_settings: Any, **overrides: Any) -> AsyncIterator[Stack]:
     settings: Settings = make_settings(
         public_base_url=SHOP,
         reve_api_key="papi.test-key",
@@ -67,6 +75,7 @@ async def stack(make_settings: Any) -> AsyncIterator[Stack]:
         nanobana_deadline_seconds=2,
         retry_wait_max_seconds=0,
         max_retries=3,
+        **overrides,
     )
     reve = rv.FakeReve(api_key="papi.test-key")
     shop_router = HostRouter({})
@@ -95,6 +104,30 @@ async def test_success_end_to_end(stack: Stack) -> None:
         assert variant.format == "PNG" and variant.size[0] >= 512
     # NanoBanana fetched our cut-out by its public URL, as the real service does.
     assert all(task.fetched for task in stack.nano.tasks.values())
+
+
+async def test_reve_cutout_with_the_local_scenes_keeps_the_pieces_own_pixels(make_settings: Any) -> None:
+    """VARIANT_GENERATOR=local beside Reve: the four scenes are rendered here around Reve's cut-out, pixel for pixel,
+    and NanoBanana is never called."""
+    from studio import SCENE_FILL, SCENE_FRAME_PX, place_piece
+
+    async with open_stack(make_settings, variant_generator="local") as stack:
+        assert (stack.services.remover.name, stack.services.generator.name) == ("reve", "local")
+        product_id = await stack.upload()
+        await stack.run_jobs()
+        row = await stack.product(product_id)
+        assert row["status"] == "done", row["error"]
+        assert (stack.reve.billed, stack.nano.submits_accepted, len(stack.nano.tasks)) == (1, 0, 0)
+        cutout = np.asarray(Image.open(io.BytesIO(await stack.fetch(row["cutout_url"]))).convert("RGBA"))
+        placement = place_piece(cutout, SCENE_FRAME_PX, SCENE_FILL)
+        box = np.s_[placement.y : placement.y + placement.piece.shape[0],
+                    placement.x : placement.x + placement.piece.shape[1]]
+        opaque = placement.piece[..., 3] == 255
+        assert opaque.any()
+        for url in row["generated_image_urls"]:
+            scene = np.asarray(Image.open(io.BytesIO(await stack.fetch(url))).convert("RGB"))
+            assert scene.shape == (SCENE_FRAME_PX, SCENE_FRAME_PX, 3)
+            assert np.array_equal(scene[box][opaque], placement.piece[..., :3][opaque])
 
 
 async def test_one_variant_failing_gives_three_urls_and_done(stack: Stack) -> None:

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-import scenes_draft as scenes
-from scenes_draft import SCENE_KEYS, Placement, encode_marketplace_jpeg, place_piece, render_marketplace, render_scene
+import studio as scenes
+from studio import SCENE_KEYS, Placement, encode_marketplace_jpeg, place_piece, render_marketplace, render_scene
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 FRAME_PX = 384  # the properties below don't depend on size; 2048 is timed in bench/contact_sheet.py
