@@ -39,7 +39,18 @@ def alpha_of(cutout: Cutout) -> npt.NDArray[np.float32]:
     return cutout.rgba[..., 3].astype(np.float32) / 255.0
 
 
-@pytest.mark.parametrize("name", SAMPLE_NAMES)
+# Known gaps, tracked in issue 3 and BENCHMARKS.md: strict, so the test fails the day the cut-out gets them right and
+# the mark has to go.
+KNOWN_GAPS = {
+    "02_silver_engraved_band_white_sweep": "known gap: a polished band mirroring a white sweep loses much of its body "
+                                           "(IoU 0.51)",
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name])) if name in KNOWN_GAPS else name
+    for name in SAMPLE_NAMES
+])
 def test_sample_matches_its_ground_truth(cut_samples: dict, name: str) -> None:
     _, truth, cutout = cut_samples[name]
     alpha = alpha_of(cutout)
