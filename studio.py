@@ -896,9 +896,15 @@ def render_scene(cutout: ByteImage, scene: str, frame_px: int = SCENE_FRAME_PX) 
 def render_marketplace(
     cutout: ByteImage, frame_px: int = MARKETPLACE_FRAME_PX, fill: float = MARKETPLACE_FILL
 ) -> ByteImage:
-    """Pure white square image (every pixel outside the piece exactly 255,255,255)."""
+    """Pure white square image (every pixel outside the piece exactly 255,255,255). Only the piece's box is blended
+    in floating point; the rest is filled white directly (a 2000² float canvas would be 48 MB per render)."""
     placement = place_piece(cutout, frame_px, fill)
-    return _composite(np.ones((frame_px, frame_px, 3), np.float32), placement)
+    h, w = placement.piece.shape[:2]
+    out = np.full((frame_px, frame_px, 3), 255, np.uint8)
+    out[placement.y : placement.y + h, placement.x : placement.x + w] = _composite(
+        np.ones((h, w, 3), np.float32), Placement(piece=placement.piece, x=0, y=0)
+    )
+    return out
 
 
 def encode_marketplace_jpeg(image: ByteImage) -> bytes:
