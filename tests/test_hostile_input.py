@@ -34,7 +34,7 @@ import images
 from errors import InputError
 from main import MULTIPART_OVERHEAD_BYTES, create_app
 from pipeline import Services
-from tests.conftest import REPO, jpeg_bytes, ring_photo
+from tests.conftest import jpeg_bytes, ring_photo
 from tests.service_process import ServiceProcess, stopped_cleanly
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -450,17 +450,6 @@ async def test_blank_text_falls_back_to_the_defaults(api: Api) -> None:
 
 
 # ---- the same text rules on SQLite and on Supabase's PostgreSQL ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def supabase_stack() -> Iterator[Any]:
-    from tests.pgstack import SupabaseStack
-
-    with SupabaseStack.start() as stack:
-        for migration in sorted((REPO / "migrations").glob("*.sql")):
-            stack.apply_sql(migration)
-        stack.reload_schema()
-        yield stack
 
 
 @pytest.fixture(params=["sqlite", pytest.param("supabase", marks=pytest.mark.integration)])
