@@ -72,7 +72,9 @@ def configure_logging(*, level: str, json_logs: bool, secrets: Iterable[str] = (
         redactor,
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: an event below LOG_LEVEL is dropped before any processor runs (at 50 polls a second
+        # the request events alone would otherwise be stamped and scanned for secrets only to be thrown away).
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

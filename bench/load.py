@@ -11,8 +11,11 @@ Prints: errors (target 0), p50/p99 latency of the polls (target p99 <= 100 ms), 
 throughput of GET /product/{id} as a ratio to the bare endpoint.
 
 Under load each poller polls like a frontend, once every --poll-interval-s (1 s; the upload page polls every 1.5 s).
-Throughput is measured with the pollers back to back, where latency is just pollers / throughput (Little's law) for
-the service and the bare endpoint alike, and this machine's one load generator shares the cores with the server.
+Throughput is measured after the load, with the pollers back to back, against the same database served by a process
+without a worker (so the queue the load left behind is not being worked on) and against the bare endpoint, alternated.
+Back to back, latency is just pollers / throughput (Little's law) for both, and this machine's one load generator
+shares the cores with the server and may itself be the limit; so the server's CPU time per poll is printed too, and
+its ratio (bare / service) is the throughput ratio one core would give.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Stats:
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     uploads: int = 0
+    cpu_s: float = 0.0  # CPU time the server spent meanwhile
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -95,6 +99,12 @@ def start_bare(tmp: Path, base_url: str, product_id: str, port: int) -> subproce
 
 def count_done(base_url: str, ids: list[str]) -> int:
     return sum(httpx.get(f"{base_url}/product/{product_id}").json()["status"] == "done" for product_id in ids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -174,16 +184,15 @@ async def run(args: argparse.Namespace) -> None:
         # Realistic latencies (PROVIDERS.md: Reve 7-26 s per edit, NanoBanana 15-20 s), scaled to fit the run.
         configure(reve_url, {"latency_s": args.cutout_s, "credits": 10_000_000})
         configure(nano_url, {"generation_s": args.variant_s})
-        service = ServiceProcess(
-            {
-                "DATA_DIR": f"{tmp}/data",
-                "REVE_API_KEY": "papi.test-key", "REVE_BASE_URL": reve_url,
-                "NANOBANA_API_KEY": "nb-test-key", "NANOBANA_BASE_URL": nano_url,
-                "NANOBANA_POLL_INTERVAL_SECONDS": "2", "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
-                "WORKER_CONCURRENCY": str(args.worker_concurrency),
-            },
-            log_path=Path(tmp) / "service.log",
-        ).start()
+        env = {
+            "DATA_DIR": f"{tmp}/data",
+            "REVE_API_KEY": "papi.test-key", "REVE_BASE_URL": reve_url,
+            "NANOBANA_API_KEY": "nb-test-key", "NANOBANA_BASE_URL": nano_url,
+            "NANOBANA_POLL_INTERVAL_SECONDS": "2", "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
+            "WORKER_CONCURRENCY": str(args.worker_concurrency),
+        }
+        service = ServiceProcess(env, log_path=Path(tmp) / "service.log").start()
+        reader: ServiceProcess | None = None
         bare_port = free_port()
         try:
             ids = await asyncio.to_thread(seed_products, service.base_url, 10)
@@ -194,13 +203,30 @@ async def run(args: argparse.Namespace) -> None:
             loaded = await drive(service.base_url, ids, args.seconds, args.pollers, args.uploads_per_s,
                                  args.poll_interval_s)
             peak = peak_rss_mib(service.process.pid if service.process else 0)
-            # Throughput, side by side: the same pollers, no uploads, first the service then the bare endpoint.
-            service_only = await drive(service.base_url, ids, args.compare_seconds, args.pollers, 0, 0)
-            await wait_ready(f"http://127.0.0.1:{bare_port}")
-            bare_only = await drive(f"http://127.0.0.1:{bare_port}", ids, args.compare_seconds, args.pollers, 0, 0)
             done = await asyncio.to_thread(count_done, service.base_url, ids[-50:])
+            await asyncio.to_thread(service.stop)
+            # Throughput, side by side: the same pollers back to back against the same database (hundreds of rows
+            # now) served by a process without a worker, and against the bare endpoint; alternated, so drift in
+            # the machine's load falls on both.
+            reader = ServiceProcess({**env, "RUN_WORKER": "false"}, log_path=Path(tmp) / "reader.log")
+            await asyncio.to_thread(reader.start)
+            await wait_ready(f"http://127.0.0.1:{bare_port}")
+            service_only, bare_only = Stats(), Stats()
+            assert reader.process is not None
+            sides = ((reader.base_url, reader.process.pid, service_only),
+                     (f"http://127.0.0.1:{bare_port}", fakes[-1].pid, bare_only))
+            for _ in range(2):
+                for target, pid, stats in sides:
+                    before = cpu_seconds(pid)
+                    measured = await drive(target, ids, args.compare_seconds / 2, args.pollers, 0, 0)
+                    stats.cpu_s += cpu_seconds(pid) - before
+                    stats.latencies_ms += measured.latencies_ms
+                    for what, count in measured.errors.items():
+                        stats.errors[what] = stats.errors.get(what, 0) + count
         finally:
             service.stop()
+            if reader is not None:
+                reader.stop()
             for process in fakes:
                 process.terminate()
                 process.wait(10)
@@ -215,9 +241,15 @@ async def run(args: argparse.Namespace) -> None:
     print(f"service peak memory (VmHWM): {peak:.0f} MiB")
     service_rps = len(service_only.latencies_ms) / args.compare_seconds
     bare_rps = len(bare_only.latencies_ms) / args.compare_seconds
-    print(f"throughput, polls only, back to back, {args.compare_seconds:.0f} s each: service {service_rps:.0f}/s "
-          f"(p50 {statistics.median(service_only.latencies_ms):.0f} ms), bare FastAPI {bare_rps:.0f}/s "
-          f"(p50 {statistics.median(bare_only.latencies_ms):.0f} ms), ratio {service_rps / bare_rps:.2f}")
+    compare_errors = sum(service_only.errors.values()) + sum(bare_only.errors.values())
+    print(f"throughput, polls only, back to back, {args.compare_seconds:.0f} s each (alternated): service "
+          f"{service_rps:.0f}/s (p50 {statistics.median(service_only.latencies_ms):.0f} ms), bare FastAPI "
+          f"{bare_rps:.0f}/s (p50 {statistics.median(bare_only.latencies_ms):.0f} ms), "
+          f"ratio {service_rps / bare_rps:.2f}; errors {compare_errors}")
+    service_cpu_ms = 1000 * service_only.cpu_s / max(1, len(service_only.latencies_ms))
+    bare_cpu_ms = 1000 * bare_only.cpu_s / max(1, len(bare_only.latencies_ms))
+    print(f"server CPU per poll: service {service_cpu_ms:.2f} ms, bare FastAPI {bare_cpu_ms:.2f} ms, "
+          f"throughput ratio by CPU cost {bare_cpu_ms / service_cpu_ms:.2f} (what one core would serve, side by side)")
 
 
 async def wait_ready(base_url: str) -> None:
