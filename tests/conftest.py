@@ -230,3 +230,13 @@ async def make_services(make_settings: Callable[..., Settings]):
     yield make
     for store in opened:
         await store.aclose()
+
+
+def framed(placement: Any, frame_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """A `studio.Placement` in frame coordinates: the piece's RGB and alpha where it sits, zeros elsewhere."""
+    rgb = np.zeros((frame_px, frame_px, 3), np.uint8)
+    alpha = np.zeros((frame_px, frame_px), np.uint8)
+    height, width = placement.piece.shape[:2]
+    box = np.s_[placement.y : placement.y + height, placement.x : placement.x + width]
+    rgb[box], alpha[box] = placement.piece[..., :3], placement.piece[..., 3]
+    return rgb, alpha

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from studio import MARKETPLACE_FILL, SCENE_FILL, SCENE_FRAME_PX, place_piece
-from tests.conftest import sample_photos
+from tests.conftest import framed, sample_photos
 from tests.service_process import ServiceProcess, stopped_cleanly
 
 
@@ -78,16 +78,15 @@ def test_a_sample_photo_becomes_a_cutout_four_scenes_and_a_white_image(service: 
     # The scenes: 2048 px squares, and the piece in each is the cut-out's own pixels, never repainted.
     placement = place_piece(np.asarray(cutout), SCENE_FRAME_PX, SCENE_FILL)
     assert max(placement.piece.shape[:2]) == round(SCENE_FILL * SCENE_FRAME_PX)
-    box = np.s_[placement.y : placement.y + placement.piece.shape[0],
-                placement.x : placement.x + placement.piece.shape[1]]
-    opaque = placement.piece[..., 3] == 255
-    assert opaque.mean() > 0.05, "the placed piece has a solid body"
+    assert (placement.piece[..., 3] == 255).mean() > 0.05, "the placed piece has a solid body"
+    piece_rgb, piece_alpha = framed(placement, SCENE_FRAME_PX)
+    opaque = piece_alpha == 255
     scenes = []
     for url in row["generated_image_urls"]:
         variant = fetch_image(url)
         assert variant.format == "PNG" and variant.size == (SCENE_FRAME_PX, SCENE_FRAME_PX)
         pixels = np.asarray(variant.convert("RGB"))
-        assert np.array_equal(pixels[box][opaque], placement.piece[..., :3][opaque]), url
+        assert np.array_equal(pixels[opaque], piece_rgb[opaque]), url
         scenes.append(pixels)
     # ...on four different rendered backdrops, none of them flat.
     corners = [scene[:256, :256].reshape(-1, 3) for scene in scenes]
@@ -98,10 +97,7 @@ def test_a_sample_photo_becomes_a_cutout_four_scenes_and_a_white_image(service: 
     marketplace = fetch_image(row["marketplace_image_url"])
     assert marketplace.format == "JPEG" and marketplace.size == (2000, 2000)
     white = np.asarray(marketplace.convert("RGB"))
-    placed = place_piece(np.asarray(cutout), 2000, MARKETPLACE_FILL)
-    piece = np.zeros((2000, 2000), np.uint8)
-    piece[placed.y : placed.y + placed.piece.shape[0], placed.x : placed.x + placed.piece.shape[1]] = (
-        placed.piece[..., 3] > 0)
+    piece = (framed(place_piece(np.asarray(cutout), 2000, MARKETPLACE_FILL), 2000)[1] > 0).astype(np.uint8)
     # JPEG blocks are 8 px: every pixel more than one block (diagonal) away from the piece is exactly #FFFFFF.
     far = cv2.distanceTransform(1 - piece, cv2.DIST_L2, 5) > 8 * np.sqrt(2)
     assert (white[far] == 255).all(), "the marketplace background is pure white"

@@ -21,7 +21,7 @@ from PIL import Image
 from config import Settings
 from database import JobStatus, VariantStatus
 from main import create_app
-from tests.conftest import ring_photo
+from tests.conftest import framed, ring_photo
 from tests.fakes import nanobanana as nb
 from tests.fakes import reve as rv
 from tests.fakes.routing import HostRouter
@@ -120,14 +120,13 @@ async def test_reve_cutout_with_the_local_scenes_keeps_the_pieces_own_pixels(mak
         assert (stack.reve.billed, stack.nano.submits_accepted, len(stack.nano.tasks)) == (1, 0, 0)
         cutout = np.asarray(Image.open(io.BytesIO(await stack.fetch(row["cutout_url"]))).convert("RGBA"))
         placement = place_piece(cutout, SCENE_FRAME_PX, SCENE_FILL)
-        box = np.s_[placement.y : placement.y + placement.piece.shape[0],
-                    placement.x : placement.x + placement.piece.shape[1]]
-        opaque = placement.piece[..., 3] == 255
+        piece_rgb, piece_alpha = framed(placement, SCENE_FRAME_PX)
+        opaque = piece_alpha == 255
         assert opaque.any()
         for url in row["generated_image_urls"]:
             scene = np.asarray(Image.open(io.BytesIO(await stack.fetch(url))).convert("RGB"))
             assert scene.shape == (SCENE_FRAME_PX, SCENE_FRAME_PX, 3)
-            assert np.array_equal(scene[box][opaque], placement.piece[..., :3][opaque])
+            assert np.array_equal(scene[opaque], piece_rgb[opaque])
 
 
 async def test_one_variant_failing_gives_three_urls_and_done(stack: Stack) -> None:

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 import studio as scenes
 from studio import SCENE_KEYS, Placement, encode_marketplace_jpeg, place_piece, render_marketplace, render_scene
+from tests.conftest import framed
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 FRAME_PX = 384  # the properties below don't depend on size; 2048 is timed in bench/contact_sheet.py
@@ -46,11 +47,8 @@ def rendered(ring: ByteImage) -> dict[str, ByteImage]:
 
 
 def frame_mask(placement: Placement, frame_px: int, *, opaque: bool = False) -> npt.NDArray[np.bool_]:
-    alpha = placement.piece[..., 3]
-    mask = np.zeros((frame_px, frame_px), bool)
-    height, width = alpha.shape
-    mask[placement.y : placement.y + height, placement.x : placement.x + width] = alpha == 255 if opaque else alpha > 0
-    return mask
+    alpha = framed(placement, frame_px)[1]
+    return np.asarray(alpha == 255 if opaque else alpha > 0)
 
 
 def luminance(image: ByteImage) -> npt.NDArray[np.float32]:
@@ -110,9 +108,7 @@ def test_the_piece_is_composited_unchanged(piece: ByteImage) -> None:
     placement = place_piece(piece, FRAME_PX, scenes.SCENE_FILL)
     opaque = frame_mask(placement, FRAME_PX, opaque=True)
     assert opaque.sum() > 1000
-    expected = np.zeros((FRAME_PX, FRAME_PX, 3), np.uint8)
-    height, width = placement.piece.shape[:2]
-    expected[placement.y : placement.y + height, placement.x : placement.x + width] = placement.piece[..., :3]
+    expected = framed(placement, FRAME_PX)[0]
     for scene in SCENE_KEYS:
         image = render_scene(piece, scene, FRAME_PX)
         assert np.array_equal(image[opaque], expected[opaque]), scene
@@ -264,9 +260,7 @@ def test_marketplace_is_white_around_a_centred_piece(marketplace: tuple[ByteImag
     assert (rows.min() + rows.max()) / 2 == pytest.approx(1000, abs=3)
     assert (cols.min() + cols.max()) / 2 == pytest.approx(1000, abs=3)
     opaque = frame_mask(placement, 2000, opaque=True)
-    height, width = placement.piece.shape[:2]
-    piece_rgb = np.zeros_like(image)
-    piece_rgb[placement.y : placement.y + height, placement.x : placement.x + width] = placement.piece[..., :3]
+    piece_rgb = framed(placement, 2000)[0]
     assert np.array_equal(image[opaque], piece_rgb[opaque])
 
 
