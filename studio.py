@@ -723,17 +723,28 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     matting equation I = a F + (1 - a) B with B the local backdrop colour (from sure-background pixels nearby) and F
     the local piece colour (from the pixels least like the backdrop nearby, so a chain thinner than the band still
     has one). Where F and B are too alike for that to be stable, a guided filter of the labels takes over.
-    B, F and the fallback are smooth, so they are estimated at no more than MATTE_SIDE_PX and interpolated; the
-    equation itself is solved at every band pixel of the full image."""
+    B, F and the fallback are smooth, so they are estimated at no more than MATTE_SIDE_PX, in a box around the piece
+    with room for the widest filter, and sampled at the full image's band pixels; the equation itself is solved at
+    every band pixel of the full image."""
     height, width = rgb.shape[:2]
     scale = min(1.0, MATTE_SIDE_PX / max(height, width))
     size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
-    image = work.astype(np.float32)
     small_h, small_w = segmentation.foreground.shape
     upscale = max(size[1] / small_h, size[0] / small_w)
-    labels = cv2.resize(segmentation.foreground.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    piece = as_float(cv2.resize(segmentation.foreground.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)) > 0.5
+    alpha = np.zeros((height, width), np.float32)
+    colour = rgb.copy()
+    ys, xs = np.nonzero(piece)
+    if ys.size == 0:
+        return alpha.astype(np.uint8), colour
     reach = int(np.ceil(upscale)) + 1
+    sigma = 1.5 * reach
+    margin = int(np.ceil(4 * sigma)) + 2 * reach + 2
+    top, bottom = max(0, int(ys.min()) - margin), min(size[1], int(ys.max()) + 1 + margin)
+    left, right = max(0, int(xs.min()) - margin), min(size[0], int(xs.max()) + 1 + margin)
+    work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    image = work[top:bottom, left:right].astype(np.float32)
+    labels = piece[top:bottom, left:right].astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     sure_fg = cv2.erode(labels, kernel).astype(np.float32)
     # Where the piece is wide, its labels are trusted a little way in from their edge: polished metal can match the
@@ -744,10 +755,9 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     sure_bg = cv2.erode(1 - labels, kernel).astype(np.float32)
     unknown = (1 - sure_fg) * (1 - sure_bg)
 
-    sigma = 1.5 * reach
     backdrop, bg_mass = local_mean(image, sure_bg, sigma)
     field_rgb = as_float(cv2.cvtColor(segmentation.backdrop_lab, cv2.COLOR_LAB2RGB)) * 255.0
-    field_rgb = as_float(cv2.resize(field_rgb, size, interpolation=cv2.INTER_LINEAR))
+    field_rgb = as_float(cv2.resize(field_rgb, size, interpolation=cv2.INTER_LINEAR))[top:bottom, left:right]
     near = np.clip(bg_mass / 0.05, 0, 1)[..., None]
     backdrop = near * backdrop + (1 - near) * field_rgb
     # Weighting by unlikeness to the backdrop: a too-wide label band or a chain with no sure pixels still yields
@@ -764,25 +774,33 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     soft = np.clip(guided_filter_grey(grey, labels.astype(np.float32), reach, 1e-3), 0, 1)
     floor = solid * np.clip(soft - MATTE_LABEL_MARGIN, 0, 1) / max(1e-3, 1 - MATTE_LABEL_MARGIN)
 
-    if scale < 1:
-        full = (width, height)
-        backdrop, soft, floor, sure_fg, unknown = (
-            as_float(cv2.resize(x, full, interpolation=cv2.INTER_LINEAR))
-            for x in (backdrop, soft, floor, sure_fg, unknown)
-        )
-        candidates = [as_float(cv2.resize(c, full, interpolation=cv2.INTER_LINEAR)) for c in candidates]
-    alpha = np.clip(sure_fg, 0, 1)
-    colour = rgb.copy()
-    band = unknown > 0
+    # The full image's pixels that fall in the box, and where each sits in it (as INTER_LINEAR would place it).
+    sx, sy = size[0] / width, size[1] / height
+    full_top, full_left = int(np.ceil((top + 0.5) / sy - 0.5)), int(np.ceil((left + 0.5) / sx - 0.5))
+    full_bottom = min(height, int(np.floor((bottom - 1.5) / sy - 0.5)) + 1)
+    full_right = min(width, int(np.floor((right - 1.5) / sx - 0.5)) + 1)
+    grid_y = ((np.arange(full_top, full_bottom) + 0.5) * sy - 0.5 - top).astype(np.float32)
+    grid_x = ((np.arange(full_left, full_right) + 0.5) * sx - 0.5 - left).astype(np.float32)
+    map_x, map_y = np.meshgrid(grid_x, grid_y)
+    box = (slice(full_top, full_bottom), slice(full_left, full_right))
+    alpha[box] = np.clip(remap(sure_fg, map_x, map_y), 0, 1)
+    box_unknown = remap(unknown, map_x, map_y)
+    band_y, band_x = np.nonzero(box_unknown > 0)
+    at_x, at_y = map_x[band_y, band_x], map_y[band_y, band_x]
+    band = (band_y + full_top, band_x + full_left)
+
+    def sample(image: FloatImage) -> FloatImage:
+        return remap(image, at_x, at_y)
+
     at = rgb[band].astype(np.float32)
-    b = backdrop[band]
+    b = sample(backdrop)
     # Metal is shaded: of a few estimates of the local piece colour (from the mean of the piece's pixels to the
     # ones least like the backdrop), each pixel takes the one that explains it best.
     best_error = np.full(b.shape[0], np.inf, np.float32)
-    f = candidates[0][band]
+    f = np.zeros_like(b)
     solved = np.zeros(b.shape[0], np.float32)
     for candidate in candidates:
-        c = candidate[band]
+        c = sample(candidate)
         c_span = c - b
         c_span2 = np.maximum(dot(c_span, c_span), 1e-3)
         c_alpha = np.clip(dot(at - b, c_span) / c_span2, 0, 1)
@@ -798,8 +816,8 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     # neighbours) is not explained by this pair: trust the labels there instead.
     off_line = length(at - b - solved[:, None] * span)
     reliable *= np.exp(-((off_line / (MATTE_OFF_LINE * np.sqrt(span2) + MATTE_CONTRAST)) ** 2))
-    a = np.maximum(reliable * solved + (1 - reliable) * soft[band], floor[band])
-    weight = unknown[band]
+    a = np.maximum(reliable * solved + (1 - reliable) * sample(soft), sample(floor))
+    weight = box_unknown[band_y, band_x]
     a = weight * a + (1 - weight) * alpha[band]
     alpha[band] = a
     # Defringe: unmix the backdrop where alpha is large enough to divide by, the local piece colour elsewhere.
@@ -807,6 +825,23 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     trust = np.clip((a - 0.15) / 0.5, 0, 1)[:, None]
     colour[band] = np.clip(trust * unmixed + (1 - trust) * f, 0, 255).round().astype(np.uint8)
     return (alpha * 255).round().astype(np.uint8), colour
+
+
+def remap(image: FloatImage, map_x: FloatImage, map_y: FloatImage) -> FloatImage:
+    """`image` sampled bilinearly at (map_x, map_y), maps of any shape (OpenCV's remap wants them under 32767 a
+    side, so long lists of points are folded into rows)."""
+    shape = map_x.shape
+    if map_x.ndim == 2 and max(shape) < 32767:
+        return as_float(cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    n = map_x.size
+    if n == 0:
+        return np.zeros(shape + image.shape[2:], np.float32)
+    row = 4096
+    pad = -n % row
+    fold_x = np.concatenate([map_x.ravel(), np.zeros(pad, np.float32)]).reshape(-1, row)
+    fold_y = np.concatenate([map_y.ravel(), np.zeros(pad, np.float32)]).reshape(-1, row)
+    out = as_float(cv2.remap(image, fold_x, fold_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    return out.reshape((-1, *image.shape[2:]))[:n].reshape(shape + image.shape[2:])
 
 
 def guided_filter_grey(guide: FloatImage, src: FloatImage, radius: int, eps: float) -> FloatImage:

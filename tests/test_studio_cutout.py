@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from studio import Cutout, cut_out
+from studio import Cutout, cut_out, remap
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 SAMPLE_NAMES = sorted(p.name.removesuffix("_photo.jpg") for p in SAMPLES.glob("*_photo.jpg"))
@@ -285,3 +285,22 @@ def test_soft_shadow_is_background() -> None:
     assert np.count_nonzero(shadow) > 1000
     assert np.count_nonzero(shadow & (alpha > 0.5)) < 0.05 * np.count_nonzero(shadow)
     assert iou_of(cutout, truth) >= 0.9
+
+
+@pytest.mark.parametrize("count", [0, 1, 5000, 70_000])
+def test_remap_samples_any_number_of_points_as_opencv_does_on_a_grid(count: int) -> None:
+    """The matte samples its low-resolution estimates at the band's pixels only; past OpenCV's 32767-a-side limit
+    the points are folded into rows, which must not change a single value."""
+    rng = np.random.default_rng(7)
+    image = rng.random((90, 120, 3), dtype=np.float32)
+    xs = rng.uniform(-2, 122, count).astype(np.float32)
+    ys = rng.uniform(-2, 92, count).astype(np.float32)
+    points = remap(image, xs, ys)
+    assert points.shape == (count, 3)
+    side = max(1, int(np.ceil(np.sqrt(count))))
+    grid_x = np.zeros(side * side, np.float32)
+    grid_y = np.zeros(side * side, np.float32)
+    grid_x[:count], grid_y[:count] = xs, ys
+    expected = cv2.remap(image, grid_x.reshape(side, side), grid_y.reshape(side, side), cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE).reshape(-1, 3)[:count]
+    np.testing.assert_array_equal(points, expected)
