@@ -57,8 +57,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 from scipy import ndimage
-from scipy.sparse import csr_matrix
+from scipy.sparse import csr_matrix, diags
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+from scipy.sparse.linalg import cg
 
 import images
 from ai_clients import CutoutResult, TaskSubmitted, VariantRequest
@@ -121,8 +122,12 @@ CANNY_HIGH = 100.0  # Canny's high threshold on the rescaled derivatives (the lo
 MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
 MATTE_OFF_LINE = 0.3  # distance off the backdrop-piece line, as a share of its length, at which trust drops to 1/e
 MATTE_FG_POWERS = (1.0, 4.0)  # local piece colours weighted by (unlikeness to the backdrop) ** power
-SOLID_MATTE = 3.0  # parts at least this many band widths thick keep their labels' alpha a little way in...
-MATTE_LABEL_MARGIN = 0.5  # ...where the guided-filtered labels exceed this
+# The per-pixel alpha is then smoothed by closed-form matting (alpha locally an affine function of colour):
+COLOUR_LINE_EPS = 1e-5  # regulariser on each 3×3 window's colour covariance (colours in 0..1)
+COLOUR_LINE_TRUST = (1.0, 0.1)  # pull of the per-pixel alpha against that smoothing: in thin parts, in wide ones
+WIDE_PART = 3.0  # parts whose half-width is 1-2× this many band widths go from thin to wide
+SOLVER_TOLERANCE = 1e-3  # conjugate gradients stop at this relative residual...
+SOLVER_ITERATIONS = 200  # ...or after this many steps
 
 
 @dataclass(frozen=True)
@@ -722,10 +727,11 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     In a band around the label boundary (as wide as the segmentation's pixels, plus a margin), alpha solves the
     matting equation I = a F + (1 - a) B with B the local backdrop colour (from sure-background pixels nearby) and F
     the local piece colour (from the pixels least like the backdrop nearby, so a chain thinner than the band still
-    has one). Where F and B are too alike for that to be stable, a guided filter of the labels takes over.
-    B, F and the fallback are smooth, so they are estimated at no more than MATTE_SIDE_PX, in a box around the piece
-    with room for the widest filter, and sampled at the full image's band pixels; the equation itself is solved at
-    every band pixel of the full image."""
+    has one). That per-pixel alpha is then smoothed by closed-form matting (alpha locally an affine function of
+    colour), which also carries it across where F and B are too alike for the equation to be stable.
+    B and F are smooth, so they are estimated at no more than MATTE_SIDE_PX, in a box around the piece with room for
+    the widest filter, and sampled at the full image's band pixels; the equation itself is solved at every band
+    pixel of the full image."""
     height, width = rgb.shape[:2]
     scale = min(1.0, MATTE_SIDE_PX / max(height, width))
     size = (max(8, round(width * scale)), max(8, round(height * scale)))
@@ -747,12 +753,10 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     labels = piece[top:bottom, left:right].astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     sure_fg = cv2.erode(labels, kernel).astype(np.float32)
-    # Where the piece is wide, its labels are trusted a little way in from their edge: polished metal can match the
-    # backdrop's colour right up to an outline the colours alone cannot place. Thin parts (a chain) are matted
-    # throughout: labels a few pixels wide are too coarse for that.
-    thickness = cv2.dilate(cv2.distanceTransform(labels, cv2.DIST_L2, 3), kernel)
-    solid = (cv2.dilate(thickness, kernel) > SOLID_MATTE * reach).astype(np.float32)
     sure_bg = cv2.erode(1 - labels, kernel).astype(np.float32)
+    # half-width of the part nearby, for how far the colour-line smoothing may override the per-pixel alpha
+    nearby = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (8 * reach + 1, 8 * reach + 1))
+    half_width = as_float(cv2.dilate(cv2.distanceTransform(labels, cv2.DIST_L2, 3), nearby))
     unknown = (1 - sure_fg) * (1 - sure_bg)
 
     backdrop, bg_mass = local_mean(image, sure_bg, sigma)
@@ -770,9 +774,6 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     highlight, mass = local_mean(image, region * brighter**2, sigma)
     has = (mass > 1e-4)[..., None]
     candidates.append(np.where(has, highlight, candidates[0]).astype(np.float32))
-    grey = image.mean(-1) / 255.0
-    soft = np.clip(guided_filter_grey(grey, labels.astype(np.float32), reach, 1e-3), 0, 1)
-    floor = solid * np.clip(soft - MATTE_LABEL_MARGIN, 0, 1) / max(1e-3, 1 - MATTE_LABEL_MARGIN)
 
     # The full image's pixels that fall in the box, and where each sits in it (as INTER_LINEAR would place it).
     sx, sy = size[0] / width, size[1] / height
@@ -813,10 +814,38 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     span2 = dot(span, span)
     reliable = span2 / (span2 + MATTE_CONTRAST**2)
     # A pixel far off the line between backdrop and piece colour (a highlight on metal shaded unlike its
-    # neighbours) is not explained by this pair: trust the labels there instead.
+    # neighbours) is not explained by this pair: its neighbours decide there instead.
     off_line = length(at - b - solved[:, None] * span)
     reliable *= np.exp(-((off_line / (MATTE_OFF_LINE * np.sqrt(span2) + MATTE_CONTRAST)) ** 2))
-    a = np.maximum(reliable * solved + (1 - reliable) * sample(soft), sample(floor))
+    # Each pixel's own solution is noisy where the estimates of F and B are off (a shadow taken for a mix with dark
+    # metal, a highlight for the backdrop): the colour-line model smooths it across pixels, pulled towards the
+    # per-pixel alpha as hard as that is reliable, harder in thin parts (a chain's alpha is all band).
+    wide = np.clip(sample(half_width) / (WIDE_PART * reach) - 1, 0, 1)
+    thin_pull, wide_pull = COLOUR_LINE_TRUST
+    pull = (thin_pull * (1 - wide) + wide_pull * wide) * reliable
+    if scale < 1:
+        # A large photo is smoothed at the working size, where a 3×3 window spans as much of a soft edge as it
+        # does in a photo of that size and there are a quarter of the pixels to solve: the change it makes is
+        # carried to the full-size band pixels.
+        def shrink(values: FloatImage, outside: FloatImage) -> FloatImage:
+            full = outside.copy()
+            full[band] = values
+            return as_float(cv2.resize(full, size, interpolation=cv2.INTER_AREA))[top:bottom, left:right]
+
+        work_solved, work_pull = shrink(solved, alpha), shrink(pull, np.zeros_like(alpha))
+        work_band = np.nonzero(unknown > 0)
+        smoothed = colour_line_matte(
+            image.round().astype(np.uint8),
+            sure_fg,
+            (work_band[0], work_band[1]),
+            work_solved[work_band],
+            work_pull[work_band],
+        )
+        change = np.zeros_like(unknown)
+        change[work_band] = smoothed - work_solved[work_band]
+        a = np.clip(solved + sample(change), 0, 1)
+    else:
+        a = colour_line_matte(rgb, alpha, band, solved, pull)
     weight = box_unknown[band_y, band_x]
     a = weight * a + (1 - weight) * alpha[band]
     alpha[band] = a
@@ -825,6 +854,109 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     trust = np.clip((a - 0.15) / 0.5, 0, 1)[:, None]
     colour[band] = np.clip(trust * unmixed + (1 - trust) * f, 0, 255).round().astype(np.uint8)
     return (alpha * 255).round().astype(np.uint8), colour
+
+
+def colour_line_matte(
+    rgb: ByteImage,
+    alpha: FloatImage,
+    band: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]],
+    prior: FloatImage,
+    trust: FloatImage,
+) -> FloatImage:
+    """Alpha at the band pixels by Levin et al.'s closed-form matting: in every 3×3 window alpha is close to an
+    affine function of colour (the matting Laplacian), the pixels outside the band keep `alpha`, and each band pixel
+    is pulled towards `prior` by `trust`."""
+    height, width = alpha.shape
+    band_y, band_x = band
+    n = band_y.size
+    if n == 0:
+        return np.zeros(0, np.float32)
+    top, left = max(0, int(band_y.min()) - 2), max(0, int(band_x.min()) - 2)
+    bottom, right = min(height, int(band_y.max()) + 3), min(width, int(band_x.max()) + 3)
+    image = rgb[top:bottom, left:right].astype(np.float32) / 255.0
+    crop_h, crop_w = image.shape[:2]
+    y, x = band_y - top, band_x - left
+
+    # The windows: every 3×3 window wholly inside the image that holds a band pixel, by its centre.
+    in_band = np.zeros((crop_h, crop_w), np.uint8)
+    in_band[y, x] = 1
+    centres = cv2.dilate(in_band, np.ones((3, 3), np.uint8))
+    centres[: max(0, 1 - top)], centres[max(0, height - 1 - top) :] = 0, 0
+    centres[:, : max(0, 1 - left)], centres[:, max(0, width - 1 - left) :] = 0, 0
+    cy, cx = np.nonzero(centres)
+    window = np.full((crop_h, crop_w), -1, np.int64)
+    window[cy, cx] = np.arange(cy.size)
+    dy9, dx9 = (v.ravel() for v in np.mgrid[-1:2, -1:2])
+    colours = image[cy[:, None] + dy9, cx[:, None] + dx9]  # K×9×3
+    mean = colours.mean(1)
+    centred = (colours - mean[:, None]).astype(np.float64)  # nearly grey windows: the inverse needs the digits
+    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+    s00, s01, s02, s11, s12, s22 = ((centred[..., i] * centred[..., j]).mean(1) for i, j in pairs)
+    s00, s11, s22 = s00 + COLOUR_LINE_EPS / 9, s11 + COLOUR_LINE_EPS / 9, s22 + COLOUR_LINE_EPS / 9
+    cofactors = (
+        s11 * s22 - s12 * s12,
+        s02 * s12 - s01 * s22,
+        s01 * s12 - s02 * s11,
+        s00 * s22 - s02 * s02,
+        s01 * s02 - s00 * s12,
+        s00 * s11 - s01 * s01,
+    )
+    determinant = s00 * cofactors[0] + s01 * cofactors[1] + s02 * cofactors[2]
+    # per window: the inverse covariance's six entries, then the mean colour, padded with a row for "no window"
+    stats = np.zeros((cy.size + 1, 9), np.float32)
+    stats[:-1, :6] = np.stack(cofactors, -1) / determinant[:, None]
+    stats[:-1, 6:] = mean
+
+    # The colours within two pixels of each band pixel, channel first: n×5×5 each.
+    oy, ox = np.mgrid[-2:3, -2:3]
+    ny = np.clip(y[:, None, None] + oy, 0, crop_h - 1)
+    nx = np.clip(x[:, None, None] + ox, 0, crop_w - 1)
+    near = [np.ascontiguousarray(image[..., channel])[ny, nx] for channel in range(3)]
+    own = image[y, x]
+    window_sums = np.zeros((n, 5, 5), np.float32)  # the Laplacian's row for each band pixel, by offset
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            # the window centred at (pixel - d): its members sit at offsets -1-d .. 1-d from the pixel
+            k = window[y - dy, x - dx]
+            at = stats[k]  # k = -1 picks the zero row: no window, no terms
+            d00, d01, d02, d11, d12, d22 = (at[:, i] for i in range(6))
+            v = own - at[:, 6:]  # q = inverse covariance × (own colour - window mean)
+            q0 = d00 * v[:, 0] + d01 * v[:, 1] + d02 * v[:, 2]
+            q1 = d01 * v[:, 0] + d11 * v[:, 1] + d12 * v[:, 2]
+            q2 = d02 * v[:, 0] + d12 * v[:, 1] + d22 * v[:, 2]
+            qmu = q0 * at[:, 6] + q1 * at[:, 7] + q2 * at[:, 8]
+            rows, cols = slice(1 - dy, 4 - dy), slice(1 - dx, 4 - dx)
+            affinity = (
+                q0[:, None, None] * near[0][:, rows, cols]
+                + q1[:, None, None] * near[1][:, rows, cols]
+                + q2[:, None, None] * near[2][:, rows, cols]
+                + (1 - qmu)[:, None, None]
+            ) / 9
+            present = (k >= 0).astype(np.float32)[:, None, None]
+            window_sums[:, rows, cols] -= present * affinity
+            window_sums[:, 2, 2] += present[:, 0, 0]
+    stencil = window_sums.reshape(n, 25)
+    index = np.full((crop_h, crop_w), -1, np.int64)
+    index[y, x] = np.arange(n)
+    ny, nx = ny.reshape(n, 25), nx.reshape(n, 25)
+    columns = index[ny, nx]
+    known = columns < 0
+    rhs = trust * prior - (stencil * np.where(known, alpha[ny + top, nx + left], 0)).sum(1)
+    stencil[:, 12] += trust
+    keep = ~known & (stencil != 0)
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
+    matrix = csr_matrix((stencil[keep], columns[keep], indptr), shape=(n, n))
+    # Symmetric and positive definite: conjugate gradients from the prior, preconditioned by the diagonal, need
+    # tens of steps where a direct solve of a 2048 px photo's band takes seconds.
+    solution, _ = cg(
+        matrix,
+        rhs.astype(np.float64),
+        x0=prior.astype(np.float64),
+        rtol=SOLVER_TOLERANCE,
+        maxiter=SOLVER_ITERATIONS,
+        M=diags(1 / np.maximum(stencil[:, 12], 1e-9).astype(np.float64)),
+    )
+    return as_float(np.clip(solution, 0, 1))
 
 
 def remap(image: FloatImage, map_x: FloatImage, map_y: FloatImage) -> FloatImage:
@@ -842,19 +974,6 @@ def remap(image: FloatImage, map_x: FloatImage, map_y: FloatImage) -> FloatImage
     fold_y = np.concatenate([map_y.ravel(), np.zeros(pad, np.float32)]).reshape(-1, row)
     out = as_float(cv2.remap(image, fold_x, fold_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
     return out.reshape((-1, *image.shape[2:]))[:n].reshape(shape + image.shape[2:])
-
-
-def guided_filter_grey(guide: FloatImage, src: FloatImage, radius: int, eps: float) -> FloatImage:
-    """He et al.'s guided filter with a grey guide."""
-    size = (2 * radius + 1, 2 * radius + 1)
-
-    def box(x: FloatImage) -> FloatImage:
-        return as_float(cv2.boxFilter(x, -1, size, borderType=cv2.BORDER_REFLECT))
-
-    mean_i, mean_p = box(guide), box(src)
-    a = (box(as_float(guide * src)) - mean_i * mean_p) / (box(as_float(guide * guide)) - mean_i * mean_i + eps)
-    b = mean_p - a * mean_i
-    return box(as_float(a)) * guide + box(as_float(b))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

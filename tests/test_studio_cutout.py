@@ -11,7 +11,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from studio import Cutout, cut_out, remap
+import studio
+from studio import Cutout, colour_line_matte, cut_out, remap
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 SAMPLE_NAMES = sorted(p.name.removesuffix("_photo.jpg") for p in SAMPLES.glob("*_photo.jpg"))
@@ -43,7 +44,7 @@ def alpha_of(cutout: Cutout) -> npt.NDArray[np.float32]:
 # the mark has to go.
 KNOWN_GAPS = {
     "02_silver_engraved_band_white_sweep": "known gap: a polished band mirroring a white sweep loses much of its body "
-                                           "(IoU 0.51)",
+                                           "(IoU 0.52)",
 }
 
 
@@ -304,3 +305,60 @@ def test_remap_samples_any_number_of_points_as_opencv_does_on_a_grid(count: int)
     expected = cv2.remap(image, grid_x.reshape(side, side), grid_y.reshape(side, side), cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_REPLICATE).reshape(-1, 3)[:count]
     np.testing.assert_array_equal(points, expected)
+
+
+def textbook_matting_laplacian(image: npt.NDArray[np.float64], eps: float) -> npt.NDArray[np.float64]:
+    """Levin, Lischinski and Weiss's matting Laplacian as a dense matrix, window by window as the paper writes it."""
+    h, w = image.shape[:2]
+    laplacian = np.zeros((h * w, h * w))
+    for cy in range(1, h - 1):
+        for cx in range(1, w - 1):
+            ys, xs = np.mgrid[cy - 1 : cy + 2, cx - 1 : cx + 2]
+            members = (ys * w + xs).ravel()
+            colours = image[ys, xs].reshape(9, 3)
+            centred = colours - colours.mean(0)
+            inverse = np.linalg.inv(centred.T @ centred / 9 + eps / 9 * np.eye(3))
+            laplacian[np.ix_(members, members)] += np.eye(9) - (1 + centred @ inverse @ centred.T) / 9
+    return laplacian
+
+
+def test_colour_line_matte_solves_the_closed_form_system() -> None:
+    """Against a dense solve of the textbook system, with the band touching the image's border (where windows
+    stop) and each band pixel pulled towards its prior by its own weight. Half the image is strongly textured, half
+    a nearly flat grey a grey level apart (where the covariances are as small as the regulariser)."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (12, 13, 3)).astype(np.uint8)
+    rgb[:, 7:] = 128 + rng.integers(0, 2, (12, 6, 1))
+    known = rng.random((12, 13)).astype(np.float32)
+    in_band = np.zeros((12, 13), bool)
+    in_band[0:7, 4:10] = True
+    ys, xs = np.nonzero(in_band)
+    prior = rng.random(ys.size).astype(np.float32)
+    trust = rng.uniform(0.05, 1.0, ys.size).astype(np.float32)
+    got = colour_line_matte(rgb, known, (ys, xs), prior, trust)
+
+    laplacian = textbook_matting_laplacian(rgb.astype(np.float64) / 255.0, eps=studio.COLOUR_LINE_EPS)
+    unknown = in_band.ravel()
+    system = laplacian[np.ix_(unknown, unknown)] + np.diag(trust)
+    rhs = trust * prior - laplacian[np.ix_(unknown, ~unknown)] @ known.ravel()[~unknown]
+    expected = np.clip(np.linalg.solve(system, rhs), 0, 1)
+    np.testing.assert_allclose(got, expected, atol=0.01)
+
+
+def test_colour_line_matte_recovers_a_soft_edge_between_two_colours() -> None:
+    """A gold piece's soft edge over a backdrop with light falloff: with no pull towards a prior (a flat, wrong
+    one), the colour lines alone recover alpha from the pixels around the band."""
+    size = 64
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    truth = np.clip((22 - np.hypot(yy - 32, xx - 30)) / 8, 0, 1)  # a disc with an 8 px soft rim
+    backdrop = np.array([236.0, 232.0, 226.0], np.float32) * (0.85 + 0.15 * xx / size)[..., None]
+    gold = np.array([196.0, 150.0, 62.0], np.float32)
+    rgb = (truth[..., None] * gold + (1 - truth[..., None]) * backdrop).round().astype(np.uint8)
+    rim = (truth > 0) & (truth < 1)
+    in_band = cv2.dilate(rim.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    ys, xs = np.nonzero(in_band)
+    known = np.where(in_band, 0.0, truth).astype(np.float32)
+    flat = np.full(ys.size, 0.5, np.float32)
+    got = colour_line_matte(rgb, known, (ys, xs), flat, np.zeros(ys.size, np.float32))
+    assert np.abs(got - truth[in_band]).max() < 0.05
+    assert np.abs(got - truth[in_band]).mean() < 0.01
