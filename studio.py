@@ -23,8 +23,10 @@ cover the image border and to be smooth or stationary in texture (paper sweeps, 
    alike, so the cut is made under two hypotheses (colour may say "piece" there, or only "backdrop") and the one
    whose result the image supports better (its confidence, below) is kept.
 4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)B per pixel of the full image,
-   with B the local backdrop colour and F the best of a few local piece colours; a guided filter of the labels takes
-   over where F and B are too alike. Colours there are unmixed from B, so no fringe of the old backdrop remains.
+   with B the local backdrop colour and F the best of a few local piece colours; closed-form matting (in every 3×3
+   window alpha is an affine function of colour) then smooths that across pixels, pulled towards each pixel's own
+   solution as far as it is reliable, and carries alpha across where F and B are too alike. Colours there are
+   unmixed from B, so no fringe of the old backdrop remains.
 5. Confidence. From the segmentation: stable labels, evidence that agrees with them along the boundary, a plausible
    size and framing, few fragments, a piece thick enough for a pixel of rim error not to matter, and above all an
    outline that is an edge all round with no edges running on outside the cut (which is what a missed mirror-like
@@ -793,15 +795,58 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     def sample(image: FloatImage) -> FloatImage:
         return remap(image, at_x, at_y)
 
+    def pull_of(reliable: FloatImage, half_width: FloatImage) -> FloatImage:
+        """How hard the colour-line smoothing holds each pixel to its own alpha: as hard as that is reliable, and
+        harder in thin parts (a chain's alpha is all band)."""
+        wide = np.clip(half_width / (WIDE_PART * reach) - 1, 0, 1)
+        thin_pull, wide_pull = COLOUR_LINE_TRUST
+        return as_float((thin_pull * (1 - wide) + wide_pull * wide) * reliable)
+
     at = rgb[band].astype(np.float32)
     b = sample(backdrop)
-    # Metal is shaded: of a few estimates of the local piece colour (from the mean of the piece's pixels to the
-    # ones least like the backdrop), each pixel takes the one that explains it best.
+    solved, f, reliable = explain(at, b, [sample(candidate) for candidate in candidates])
+    # Each pixel's own solution is noisy where the estimates of F and B are off (a shadow taken for a mix with dark
+    # metal, a highlight for the backdrop): the colour-line model smooths it across pixels.
+    if scale < 1:
+        # A large photo is smoothed at the working size, where a 3×3 window spans as much of a soft edge as it
+        # does in a photo of that size and there are a quarter of the pixels to solve: the change the smoothing
+        # makes to the per-pixel alpha there is carried to the full-size band pixels.
+        work_y, work_x = np.nonzero(unknown > 0)
+        work_solved, _, work_reliable = explain(
+            image[work_y, work_x], backdrop[work_y, work_x], [candidate[work_y, work_x] for candidate in candidates]
+        )
+        smoothed = colour_line_matte(
+            image.round().astype(np.uint8),
+            sure_fg,
+            (work_y, work_x),
+            work_solved,
+            pull_of(work_reliable, half_width[work_y, work_x]),
+        )
+        change = np.zeros_like(unknown)
+        change[work_y, work_x] = smoothed - work_solved
+        a = np.clip(solved + sample(change), 0, 1)
+    else:
+        a = colour_line_matte(rgb, alpha, band, solved, pull_of(reliable, sample(half_width)))
+    weight = box_unknown[band_y, band_x]
+    a = weight * a + (1 - weight) * alpha[band]
+    alpha[band] = a
+    # Defringe: unmix the backdrop where alpha is large enough to divide by, the local piece colour elsewhere.
+    unmixed = b + (at - b) / np.maximum(a, 0.05)[:, None]
+    trust = np.clip((a - 0.15) / 0.5, 0, 1)[:, None]
+    colour[band] = np.clip(trust * unmixed + (1 - trust) * f, 0, 255).round().astype(np.uint8)
+    return (alpha * 255).round().astype(np.uint8), colour
+
+
+def explain(at: FloatImage, b: FloatImage, candidates: list[FloatImage]) -> tuple[FloatImage, FloatImage, FloatImage]:
+    """Per pixel of colour `at` over local backdrop colour `b`: alpha from I = aF + (1 - a)B, the piece colour F
+    used and how reliable that alpha is (0..1).
+
+    Metal is shaded: of a few estimates of the local piece colour (from the mean of the piece's pixels to the ones
+    least like the backdrop), each pixel takes the one that explains it best."""
     best_error = np.full(b.shape[0], np.inf, np.float32)
     f = np.zeros_like(b)
     solved = np.zeros(b.shape[0], np.float32)
-    for candidate in candidates:
-        c = sample(candidate)
+    for c in candidates:
         c_span = c - b
         c_span2 = np.maximum(dot(c_span, c_span), 1e-3)
         c_alpha = np.clip(dot(at - b, c_span) / c_span2, 0, 1)
@@ -817,43 +862,7 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     # neighbours) is not explained by this pair: its neighbours decide there instead.
     off_line = length(at - b - solved[:, None] * span)
     reliable *= np.exp(-((off_line / (MATTE_OFF_LINE * np.sqrt(span2) + MATTE_CONTRAST)) ** 2))
-    # Each pixel's own solution is noisy where the estimates of F and B are off (a shadow taken for a mix with dark
-    # metal, a highlight for the backdrop): the colour-line model smooths it across pixels, pulled towards the
-    # per-pixel alpha as hard as that is reliable, harder in thin parts (a chain's alpha is all band).
-    wide = np.clip(sample(half_width) / (WIDE_PART * reach) - 1, 0, 1)
-    thin_pull, wide_pull = COLOUR_LINE_TRUST
-    pull = (thin_pull * (1 - wide) + wide_pull * wide) * reliable
-    if scale < 1:
-        # A large photo is smoothed at the working size, where a 3×3 window spans as much of a soft edge as it
-        # does in a photo of that size and there are a quarter of the pixels to solve: the change it makes is
-        # carried to the full-size band pixels.
-        def shrink(values: FloatImage, outside: FloatImage) -> FloatImage:
-            full = outside.copy()
-            full[band] = values
-            return as_float(cv2.resize(full, size, interpolation=cv2.INTER_AREA))[top:bottom, left:right]
-
-        work_solved, work_pull = shrink(solved, alpha), shrink(pull, np.zeros_like(alpha))
-        work_band = np.nonzero(unknown > 0)
-        smoothed = colour_line_matte(
-            image.round().astype(np.uint8),
-            sure_fg,
-            (work_band[0], work_band[1]),
-            work_solved[work_band],
-            work_pull[work_band],
-        )
-        change = np.zeros_like(unknown)
-        change[work_band] = smoothed - work_solved[work_band]
-        a = np.clip(solved + sample(change), 0, 1)
-    else:
-        a = colour_line_matte(rgb, alpha, band, solved, pull)
-    weight = box_unknown[band_y, band_x]
-    a = weight * a + (1 - weight) * alpha[band]
-    alpha[band] = a
-    # Defringe: unmix the backdrop where alpha is large enough to divide by, the local piece colour elsewhere.
-    unmixed = b + (at - b) / np.maximum(a, 0.05)[:, None]
-    trust = np.clip((a - 0.15) / 0.5, 0, 1)[:, None]
-    colour[band] = np.clip(trust * unmixed + (1 - trust) * f, 0, 255).round().astype(np.uint8)
-    return (alpha * 255).round().astype(np.uint8), colour
+    return solved, f, as_float(reliable)
 
 
 def colour_line_matte(
@@ -871,11 +880,18 @@ def colour_line_matte(
     n = band_y.size
     if n == 0:
         return np.zeros(0, np.float32)
-    top, left = max(0, int(band_y.min()) - 2), max(0, int(band_x.min()) - 2)
-    bottom, right = min(height, int(band_y.max()) + 3), min(width, int(band_x.max()) + 3)
-    image = rgb[top:bottom, left:right].astype(np.float32) / 255.0
-    crop_h, crop_w = image.shape[:2]
+    # A crop two pixels wider than the band all round, padded where it runs off the image, so that every pixel
+    # within two of a band pixel has a flat index in it.
+    top, left = int(band_y.min()) - 2, int(band_x.min()) - 2
+    bottom, right = int(band_y.max()) + 3, int(band_x.max()) + 3
+    crop_h, crop_w = bottom - top, right - left
+    inner = (slice(max(0, top), min(height, bottom)), slice(max(0, left), min(width, right)))
+    padding = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
+    pixels = cv2.copyMakeBorder(rgb[inner], *padding, cv2.BORDER_CONSTANT, value=0)
+    image = as_float(pixels) / 255.0
+    outside = as_float(cv2.copyMakeBorder(alpha[inner], *padding, cv2.BORDER_CONSTANT, value=0)).ravel()
     y, x = band_y - top, band_x - left
+    at = y * crop_w + x  # each band pixel's flat index in the crop
 
     # The windows: every 3×3 window wholly inside the image that holds a band pixel, by its centre.
     in_band = np.zeros((crop_h, crop_w), np.uint8)
@@ -884,12 +900,13 @@ def colour_line_matte(
     centres[: max(0, 1 - top)], centres[max(0, height - 1 - top) :] = 0, 0
     centres[:, : max(0, 1 - left)], centres[:, max(0, width - 1 - left) :] = 0, 0
     cy, cx = np.nonzero(centres)
-    window = np.full((crop_h, crop_w), -1, np.int64)
-    window[cy, cx] = np.arange(cy.size)
+    window = np.full(crop_h * crop_w, -1, np.int64)
+    window[cy * crop_w + cx] = np.arange(cy.size)
     dy9, dx9 = (v.ravel() for v in np.mgrid[-1:2, -1:2])
-    colours = image[cy[:, None] + dy9, cx[:, None] + dx9]  # K×9×3
+    # K×9×3, in double precision: nearly grey windows are nearly singular, and their inverse needs the digits
+    colours = pixels[cy[:, None] + dy9, cx[:, None] + dx9] / 255.0
     mean = colours.mean(1)
-    centred = (colours - mean[:, None]).astype(np.float64)  # nearly grey windows: the inverse needs the digits
+    centred = colours - mean[:, None]
     pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
     s00, s01, s02, s11, s12, s22 = ((centred[..., i] * centred[..., j]).mean(1) for i, j in pairs)
     s00, s11, s22 = s00 + COLOUR_LINE_EPS / 9, s11 + COLOUR_LINE_EPS / 9, s22 + COLOUR_LINE_EPS / 9
@@ -907,24 +924,23 @@ def colour_line_matte(
     stats[:-1, :6] = np.stack(cofactors, -1) / determinant[:, None]
     stats[:-1, 6:] = mean
 
-    # The colours within two pixels of each band pixel, channel first: n×5×5 each.
+    # The pixels within two of each band pixel (5×5, flat indices), and their colours channel by channel.
     oy, ox = np.mgrid[-2:3, -2:3]
-    ny = np.clip(y[:, None, None] + oy, 0, crop_h - 1)
-    nx = np.clip(x[:, None, None] + ox, 0, crop_w - 1)
-    near = [np.ascontiguousarray(image[..., channel])[ny, nx] for channel in range(3)]
+    neighbours = at[:, None] + (oy * crop_w + ox).ravel()
+    near = [image[..., channel].ravel()[neighbours].reshape(n, 5, 5) for channel in range(3)]
     own = image[y, x]
     window_sums = np.zeros((n, 5, 5), np.float32)  # the Laplacian's row for each band pixel, by offset
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             # the window centred at (pixel - d): its members sit at offsets -1-d .. 1-d from the pixel
-            k = window[y - dy, x - dx]
-            at = stats[k]  # k = -1 picks the zero row: no window, no terms
-            d00, d01, d02, d11, d12, d22 = (at[:, i] for i in range(6))
-            v = own - at[:, 6:]  # q = inverse covariance × (own colour - window mean)
+            k = window[at - (dy * crop_w + dx)]
+            params = stats[k]  # k = -1 picks the zero row: no window, no terms
+            d00, d01, d02, d11, d12, d22 = (params[:, i] for i in range(6))
+            v = own - params[:, 6:]  # q = inverse covariance × (own colour - window mean)
             q0 = d00 * v[:, 0] + d01 * v[:, 1] + d02 * v[:, 2]
             q1 = d01 * v[:, 0] + d11 * v[:, 1] + d12 * v[:, 2]
             q2 = d02 * v[:, 0] + d12 * v[:, 1] + d22 * v[:, 2]
-            qmu = q0 * at[:, 6] + q1 * at[:, 7] + q2 * at[:, 8]
+            qmu = q0 * params[:, 6] + q1 * params[:, 7] + q2 * params[:, 8]
             rows, cols = slice(1 - dy, 4 - dy), slice(1 - dx, 4 - dx)
             affinity = (
                 q0[:, None, None] * near[0][:, rows, cols]
@@ -936,12 +952,11 @@ def colour_line_matte(
             window_sums[:, rows, cols] -= present * affinity
             window_sums[:, 2, 2] += present[:, 0, 0]
     stencil = window_sums.reshape(n, 25)
-    index = np.full((crop_h, crop_w), -1, np.int64)
-    index[y, x] = np.arange(n)
-    ny, nx = ny.reshape(n, 25), nx.reshape(n, 25)
-    columns = index[ny, nx]
+    index = np.full(crop_h * crop_w, -1, np.int64)
+    index[at] = np.arange(n)
+    columns = index[neighbours]
     known = columns < 0
-    rhs = trust * prior - (stencil * np.where(known, alpha[ny + top, nx + left], 0)).sum(1)
+    rhs = trust * prior - (stencil * np.where(known, outside[neighbours], 0)).sum(1)
     stencil[:, 12] += trust
     keep = ~known & (stencil != 0)
     indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
