@@ -122,6 +122,7 @@ CANNY_HIGH = 100.0  # Canny's high threshold on the rescaled derivatives (the lo
 
 # Matte
 MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
+SHADOW_PRIOR = 1e-3  # weight (relative to |B|²) of the prior that the backdrop behind a band pixel is unshadowed
 MATTE_OFF_LINE = 0.3  # distance off the backdrop-piece line, as a share of its length, at which trust drops to 1/e
 MATTE_FG_POWERS = (1.0, 4.0)  # local piece colours weighted by (unlikeness to the backdrop) ** power
 # The per-pixel alpha is then smoothed by closed-form matting (alpha locally an affine function of colour):
@@ -804,7 +805,7 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
 
     at = rgb[band].astype(np.float32)
     b = sample(backdrop)
-    solved, f, reliable = explain(at, b, [sample(candidate) for candidate in candidates])
+    solved, f, seen, reliable = explain(at, b, [sample(candidate) for candidate in candidates])
     # Each pixel's own solution is noisy where the estimates of F and B are off (a shadow taken for a mix with dark
     # metal, a highlight for the backdrop): the colour-line model smooths it across pixels.
     if scale < 1:
@@ -812,7 +813,7 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
         # does in a photo of that size and there are a quarter of the pixels to solve: the change the smoothing
         # makes to the per-pixel alpha there is carried to the full-size band pixels.
         work_y, work_x = np.nonzero(unknown > 0)
-        work_solved, _, work_reliable = explain(
+        work_solved, _, _, work_reliable = explain(
             image[work_y, work_x], backdrop[work_y, work_x], [candidate[work_y, work_x] for candidate in candidates]
         )
         smoothed = colour_line_matte(
@@ -830,39 +831,64 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     weight = box_unknown[band_y, band_x]
     a = weight * a + (1 - weight) * alpha[band]
     alpha[band] = a
-    # Defringe: unmix the backdrop where alpha is large enough to divide by, the local piece colour elsewhere.
-    unmixed = b + (at - b) / np.maximum(a, 0.05)[:, None]
+    # Defringe: unmix the backdrop (as seen, in the piece's shadow) where alpha is large enough to divide by, the
+    # local piece colour elsewhere.
+    unmixed = seen + (at - seen) / np.maximum(a, 0.05)[:, None]
     trust = np.clip((a - 0.15) / 0.5, 0, 1)[:, None]
     colour[band] = np.clip(trust * unmixed + (1 - trust) * f, 0, 255).round().astype(np.uint8)
     return (alpha * 255).round().astype(np.uint8), colour
 
 
-def explain(at: FloatImage, b: FloatImage, candidates: list[FloatImage]) -> tuple[FloatImage, FloatImage, FloatImage]:
-    """Per pixel of colour `at` over local backdrop colour `b`: alpha from I = aF + (1 - a)B, the piece colour F
-    used and how reliable that alpha is (0..1).
+def explain(
+    at: FloatImage, b: FloatImage, candidates: list[FloatImage]
+) -> tuple[FloatImage, FloatImage, FloatImage, FloatImage]:
+    """Per pixel of colour `at` near local backdrop colour `b`: alpha, the piece colour F used, the backdrop as seen
+    behind the pixel, and how reliable that alpha is (0..1).
+
+    The pixel is I = aF + (1 - a)sB: the piece over the backdrop, which the piece may shadow (s < 1). A mix with the
+    piece moves the pixel towards F's colour and a shadow only darkens B, so colour tells them apart: a grey shadow
+    beside gold stays backdrop. Where F is only a brighter or darker B (silver on white) it cannot, and a weak
+    prior that the backdrop is unshadowed (SHADOW_PRIOR) decides.
 
     Metal is shaded: of a few estimates of the local piece colour (from the mean of the piece's pixels to the ones
     least like the backdrop), each pixel takes the one that explains it best."""
+    d = at - b
+    bb = dot(b, b)
+    db = dot(d, b)
     best_error = np.full(b.shape[0], np.inf, np.float32)
     f = np.zeros_like(b)
     solved = np.zeros(b.shape[0], np.float32)
+    darkening = np.zeros(b.shape[0], np.float32)
     for c in candidates:
         c_span = c - b
         c_span2 = np.maximum(dot(c_span, c_span), 1e-3)
-        c_alpha = np.clip(dot(at - b, c_span) / c_span2, 0, 1)
-        error = length(at - b - c_alpha[:, None] * c_span) / np.sqrt(c_span2)
+        projected = dot(d, c_span)
+        # d = a (F - B) + v B with v = (1 - a)(s - 1) < 0, by least squares with the prior's penalty on v: taken where
+        # it is physical (0 <= a <= 1, 0 <= s < 1), so where the pixel is part piece and part shadowed backdrop.
+        # Elsewhere, the plain mix d = a (F - B) (a shadow alone comes out a little above a = 0 under the prior).
+        along = dot(c_span, b)
+        b_weight = bb * (1 + SHADOW_PRIOR)
+        determinant = np.maximum(c_span2 * b_weight - along * along, 1e-6)
+        joint_alpha = (b_weight * projected - along * db) / determinant
+        joint_v = (c_span2 * db - along * projected) / determinant
+        shadowed = (joint_v < 0) & (joint_alpha >= 0) & (joint_alpha <= 1) & (joint_alpha - 1 <= joint_v)
+        c_alpha = np.where(shadowed, joint_alpha, np.clip(projected / c_span2, 0, 1))
+        c_v = np.where(shadowed, joint_v, 0)
+        error = length(d - c_alpha[:, None] * c_span - c_v[:, None] * b) / np.sqrt(c_span2)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         solved = np.where(better, c_alpha, solved)
+        darkening = np.where(better, c_v, darkening)
         f = np.where(better[:, None], c, f)
     span = f - b
     span2 = dot(span, span)
     reliable = span2 / (span2 + MATTE_CONTRAST**2)
     # A pixel far off the line between backdrop and piece colour (a highlight on metal shaded unlike its
     # neighbours) is not explained by this pair: its neighbours decide there instead.
-    off_line = length(at - b - solved[:, None] * span)
+    off_line = length(d - solved[:, None] * span - darkening[:, None] * b)
     reliable *= np.exp(-((off_line / (MATTE_OFF_LINE * np.sqrt(span2) + MATTE_CONTRAST)) ** 2))
-    return solved, f, as_float(reliable)
+    shade = np.clip(1 + darkening / np.maximum(1 - solved, 1e-3), 0, 1)
+    return solved, f, as_float(shade[:, None] * b), as_float(reliable)
 
 
 def colour_line_matte(

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 import studio
-from studio import Cutout, colour_line_matte, cut_out, remap
+from studio import Cutout, colour_line_matte, cut_out, explain, remap
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 SAMPLE_NAMES = sorted(p.name.removesuffix("_photo.jpg") for p in SAMPLES.glob("*_photo.jpg"))
@@ -362,3 +362,30 @@ def test_colour_line_matte_recovers_a_soft_edge_between_two_colours() -> None:
     got = colour_line_matte(rgb, known, (ys, xs), flat, np.zeros(ys.size, np.float32))
     assert np.abs(got - truth[in_band]).max() < 0.05
     assert np.abs(got - truth[in_band]).mean() < 0.01
+
+
+def test_explain_tells_a_shadow_from_a_mix_by_colour() -> None:
+    """Gold over a white sweep: a grey shadow on the sweep is backdrop (alpha 0, the backdrop seen darkened), a mix
+    of gold and sweep gets its share, and a mix of gold and shadowed sweep gets its share with the shadow seen."""
+    gold = np.array([196.0, 150.0, 62.0], np.float32)
+    sweep = np.array([236.0, 233.0, 228.0], np.float32)
+    pixels = np.stack([0.7 * sweep, 0.4 * gold + 0.6 * sweep, 0.6 * gold + 0.4 * 0.75 * sweep]).astype(np.float32)
+    backdrop = np.tile(sweep, (3, 1))
+    alpha, colour, seen, reliable = explain(pixels, backdrop, [np.tile(gold, (3, 1))])
+    np.testing.assert_allclose(alpha, [0.0, 0.4, 0.6], atol=0.01)
+    np.testing.assert_allclose(seen[0], 0.7 * sweep, rtol=0.01)
+    np.testing.assert_allclose(seen[1], sweep, rtol=0.01)
+    np.testing.assert_allclose(seen[2], 0.75 * sweep, rtol=0.01)
+    np.testing.assert_array_equal(colour, np.tile(gold, (3, 1)))
+    assert (reliable > 0.9).all()
+
+
+def test_explain_keeps_a_darker_mix_where_colour_cannot_tell() -> None:
+    """Dark silver over a white sweep: piece and backdrop differ only in brightness, so a pixel between them is a
+    mix (the prior that the backdrop is unshadowed decides), not a shadow."""
+    silver = np.array([90.0, 90.0, 92.0], np.float32)
+    sweep = np.array([236.0, 234.0, 232.0], np.float32)
+    pixel = (0.5 * silver + 0.5 * sweep)[None].astype(np.float32)
+    alpha, _, seen, _ = explain(pixel, sweep[None], [silver[None]])
+    assert abs(float(alpha[0]) - 0.5) < 0.05
+    np.testing.assert_allclose(seen[0], sweep, rtol=0.02)
