@@ -22,11 +22,12 @@ cover the image border and to be smooth or stationary in texture (paper sweeps, 
    when thin or busy (a clear stone's facets). A dim region with the backdrop's chroma is a shadow or grey metal
    alike, so the cut is made under two hypotheses (colour may say "piece" there, or only "backdrop") and the one
    whose result the image supports better (its confidence, below) is kept.
-4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)B per pixel of the full image,
-   with B the local backdrop colour and F the best of a few local piece colours; closed-form matting (in every 3×3
-   window alpha is an affine function of colour) then smooths that across pixels, pulled towards each pixel's own
-   solution as far as it is reliable, and carries alpha across where F and B are too alike. Colours there are
-   unmixed from B, so no fringe of the old backdrop remains.
+4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)sB per pixel of the full image,
+   with B the local backdrop colour, s its darkening where the piece shadows it (told from a mix by colour) and F the
+   best of a few local piece colours; closed-form matting (in every 3×3 window alpha is an affine function of
+   colour) then smooths that across pixels, pulled towards each pixel's own solution as far as it is reliable, and
+   carries alpha across where F and B are too alike. Colours there are unmixed from sB, so no fringe of the old
+   backdrop remains.
 5. Confidence. From the segmentation: stable labels, evidence that agrees with them along the boundary, a plausible
    size and framing, few fragments, a piece thick enough for a pixel of rim error not to matter, and above all an
    outline that is an edge all round with no edges running on outside the cut (which is what a missed mirror-like
@@ -728,10 +729,11 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     """Alpha and defringed colour at full size from the segmentation's labels.
 
     In a band around the label boundary (as wide as the segmentation's pixels, plus a margin), alpha solves the
-    matting equation I = a F + (1 - a) B with B the local backdrop colour (from sure-background pixels nearby) and F
-    the local piece colour (from the pixels least like the backdrop nearby, so a chain thinner than the band still
-    has one). That per-pixel alpha is then smoothed by closed-form matting (alpha locally an affine function of
-    colour), which also carries it across where F and B are too alike for the equation to be stable.
+    matting equation I = a F + (1 - a) s B with B the local backdrop colour (from sure-background pixels nearby), s
+    its darkening in the piece's shadow, and F the local piece colour (from the pixels least like the backdrop
+    nearby, so a chain thinner than the band still has one). That per-pixel alpha is then smoothed by closed-form
+    matting (alpha locally an affine function of colour), which also carries it across where F and B are too alike
+    for the equation to be stable.
     B and F are smooth, so they are estimated at no more than MATTE_SIDE_PX, in a box around the piece with room for
     the widest filter, and sampled at the full image's band pixels; the equation itself is solved at every band
     pixel of the full image."""
