@@ -124,11 +124,11 @@ CANNY_HIGH = 100.0  # Canny's high threshold on the rescaled derivatives (the lo
 # Matte
 MATTE_CONTRAST = 12.0  # RGB distance between piece and backdrop colours below which the matting equation is unstable
 SHADOW_PRIOR = 1e-3  # weight (relative to |B|²) of the prior that the backdrop behind a band pixel is unshadowed
-MATTE_OFF_LINE = 0.3  # distance off the backdrop-piece line, as a share of its length, at which trust drops to 1/e
+MATTE_OFF_LINE = 0.3  # distance off the backdrop-piece line, as a share of its length, where reliability falls to 1/e
 MATTE_FG_POWERS = (1.0, 4.0)  # local piece colours weighted by (unlikeness to the backdrop) ** power
 # The per-pixel alpha is then smoothed by closed-form matting (alpha locally an affine function of colour):
 COLOUR_LINE_EPS = 1e-5  # regulariser on each 3×3 window's colour covariance (colours in 0..1)
-COLOUR_LINE_TRUST = (1.0, 0.1)  # pull of the per-pixel alpha against that smoothing: in thin parts, in wide ones
+COLOUR_LINE_PULL = (1.0, 0.1)  # pull of the per-pixel alpha against that smoothing: in thin parts, in wide ones
 WIDE_PART = 3.0  # parts whose half-width is 1-2× this many band widths go from thin to wide
 SOLVER_TOLERANCE = 1e-3  # conjugate gradients stop at this relative residual...
 SOLVER_ITERATIONS = 200  # ...or after this many steps
@@ -754,7 +754,8 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
     top, bottom = max(0, int(ys.min()) - margin), min(size[1], int(ys.max()) + 1 + margin)
     left, right = max(0, int(xs.min()) - margin), min(size[0], int(xs.max()) + 1 + margin)
     work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
-    image = work[top:bottom, left:right].astype(np.float32)
+    work_box: ByteImage = np.asarray(work[top:bottom, left:right], np.uint8)
+    image = work_box.astype(np.float32)
     labels = piece[top:bottom, left:right].astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     sure_fg = cv2.erode(labels, kernel).astype(np.float32)
@@ -802,7 +803,7 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
         """How hard the colour-line smoothing holds each pixel to its own alpha: as hard as that is reliable, and
         harder in thin parts (a chain's alpha is all band)."""
         wide = np.clip(half_width / (WIDE_PART * reach) - 1, 0, 1)
-        thin_pull, wide_pull = COLOUR_LINE_TRUST
+        thin_pull, wide_pull = COLOUR_LINE_PULL
         return as_float((thin_pull * (1 - wide) + wide_pull * wide) * reliable)
 
     at = rgb[band].astype(np.float32)
@@ -819,7 +820,7 @@ def matte(rgb: ByteImage, segmentation: Segmentation) -> tuple[ByteImage, ByteIm
             image[work_y, work_x], backdrop[work_y, work_x], [candidate[work_y, work_x] for candidate in candidates]
         )
         smoothed = colour_line_matte(
-            image.round().astype(np.uint8),
+            work_box,
             sure_fg,
             (work_y, work_x),
             work_solved,
@@ -898,11 +899,11 @@ def colour_line_matte(
     alpha: FloatImage,
     band: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]],
     prior: FloatImage,
-    trust: FloatImage,
+    pull: FloatImage,
 ) -> FloatImage:
     """Alpha at the band pixels by Levin et al.'s closed-form matting: in every 3×3 window alpha is close to an
     affine function of colour (the matting Laplacian), the pixels outside the band keep `alpha`, and each band pixel
-    is pulled towards `prior` by `trust`."""
+    is pulled towards `prior` by `pull`."""
     height, width = alpha.shape
     band_y, band_x = band
     n = band_y.size
@@ -984,8 +985,8 @@ def colour_line_matte(
     index[at] = np.arange(n)
     columns = index[neighbours]
     known = columns < 0
-    rhs = trust * prior - (stencil * np.where(known, outside[neighbours], 0)).sum(1)
-    stencil[:, 12] += trust
+    rhs = pull * prior - (stencil * np.where(known, outside[neighbours], 0)).sum(1)
+    stencil[:, 12] += pull
     keep = ~known & (stencil != 0)
     indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
     matrix = csr_matrix((stencil[keep], columns[keep], indptr), shape=(n, n))

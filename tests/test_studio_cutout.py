@@ -334,13 +334,13 @@ def test_colour_line_matte_solves_the_closed_form_system() -> None:
     in_band[0:7, 4:10] = True
     ys, xs = np.nonzero(in_band)
     prior = rng.random(ys.size).astype(np.float32)
-    trust = rng.uniform(0.05, 1.0, ys.size).astype(np.float32)
-    got = colour_line_matte(rgb, known, (ys, xs), prior, trust)
+    pull = rng.uniform(0.05, 1.0, ys.size).astype(np.float32)
+    got = colour_line_matte(rgb, known, (ys, xs), prior, pull)
 
     laplacian = textbook_matting_laplacian(rgb.astype(np.float64) / 255.0, eps=studio.COLOUR_LINE_EPS)
     unknown = in_band.ravel()
-    system = laplacian[np.ix_(unknown, unknown)] + np.diag(trust)
-    rhs = trust * prior - laplacian[np.ix_(unknown, ~unknown)] @ known.ravel()[~unknown]
+    system = laplacian[np.ix_(unknown, unknown)] + np.diag(pull)
+    rhs = pull * prior - laplacian[np.ix_(unknown, ~unknown)] @ known.ravel()[~unknown]
     expected = np.clip(np.linalg.solve(system, rhs), 0, 1)
     np.testing.assert_allclose(got, expected, atol=0.01)
 
