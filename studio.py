@@ -21,7 +21,9 @@ cover the image border and to be smooth or stationary in texture (paper sweeps, 
    by the piece are kept as holes (a ring's inside, a chain loop) when wide and smooth like the backdrop, and filled
    when thin or busy (a clear stone's facets). A dim region with the backdrop's chroma is a shadow or grey metal
    alike, so the cut is made under two hypotheses (colour may say "piece" there, or only "backdrop") and the one
-   whose result the image supports better (its confidence, below) is kept.
+   whose result the image supports better (its confidence, below) is kept. When neither is sure (a band polished
+   like a mirror, whose outline doesn't close), a third completes the better one's convex outline, keeping the
+   hole seen through it (found by casting rays from its middle to the edges around it).
 4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)sB per pixel of the full image,
    with B the local backdrop colour, s its darkening where the piece shadows it (told from a mix by colour) and F the
    best of a few local piece colours; closed-form matting (in every 3×3 window alpha is an affine function of
@@ -111,6 +113,10 @@ OUTLINE_SHARE = 0.2  # a component of the piece needs this share of its rim on s
 OUTLINE_REACH = 0.04  # edges this far (share of the image side) from the piece may close its outline
 HOLE_MIN_RADIUS = 0.025  # enclosed regions narrower than this share of the image side are part of the piece...
 HOLE_MAX_BUSY = 0.1  # ...and so are those with more steep pixels than this share
+COMPLETE_BELOW = 0.5  # a cut less sure than this is tried once more with its convex outline completed...
+HOLE_OPEN_SHARE = 0.25  # ...where a wide region inside it is a hole seen through: rays from its middle end on edges
+HOLE_RAYS = 360
+HOLE_RAY_WINDOW = 61  # rays: a ray longer than the median of this many around it leaked through a gap in the edge
 SPECK_SHARE = 2e-5  # components smaller than this share of the image are dropped...
 SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
 
@@ -427,6 +433,10 @@ def segment(small: ByteImage) -> Segmentation:
     - strict: in shadow-like pixels the colour mixtures may only vote against the piece (a shadow fading into the
       backdrop is then left to the field evidence and the contrast term), and the piece's outline is closed with
       thin edges that touch it (so a stone's facets are still filled).
+
+    When even the better of the two is unsure (a band polished like a mirror shows the backdrop over much of its
+    body, and its outline doesn't close), a third is tried if it changes anything: the better cut with its convex
+    outline completed and the hole seen through it kept (`complete_outline`), given one more round to settle.
     """
     lab = to_lab(as_bytes(cv2.GaussianBlur(small, (0, 0), 0.8)))
     border = border_band(lab.shape[:2])
@@ -441,6 +451,12 @@ def segment(small: ByteImage) -> Segmentation:
     if first is None:
         return Segmentation(np.zeros(lab.shape[:2], bool), lit_field(lab, background), 0.0)
     hypotheses = [cut(lab, background, first, pairwise, outline, strict=strict) for strict in (False, True)]
+    best = max(hypotheses, key=lambda segmentation: segmentation.confidence)
+    if best.confidence < COMPLETE_BELOW:
+        completed = complete_outline(best.foreground, outline)
+        if np.any(completed != best.foreground):
+            strict = best is hypotheses[1]
+            hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
     return max(hypotheses, key=lambda segmentation: segmentation.confidence)
 
 
@@ -476,18 +492,30 @@ def learn(lab: FloatImage, background: BoolImage, foreground: BoolImage | None) 
 
 
 def cut(
-    lab: FloatImage, background: BoolImage, first: Model, pairwise: Pairwise, outline: BoolImage, *, strict: bool
+    lab: FloatImage,
+    background: BoolImage,
+    first: Model,
+    pairwise: Pairwise,
+    outline: BoolImage,
+    *,
+    strict: bool,
+    start: BoolImage | None = None,
 ) -> Segmentation:
     """CUT_ROUNDS rounds of: graph cut on the field evidence plus the colour mixtures' vote, outline closure, then
     the field, evidence and mixtures learnt again from the new labels. `first` is the first round's model (the same
-    for both hypotheses); `strict` is the hypothesis described in `segment`."""
+    for both hypotheses); `strict` is the hypothesis described in `segment`.
+
+    With `start` (labels whose outline was completed) it is one round, learnt from those labels, with the outline
+    completed again after the closure."""
     shape = lab.shape[:2]
     border = border_band(shape)
-    foreground = previous = np.zeros(shape, bool)
+    foreground = previous = np.zeros(shape, bool) if start is None else start
+    if start is not None:
+        background = ~cv2.dilate(start.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     model: Model | None = first
     unary = first.unary
-    for round_ in range(CUT_ROUNDS):
-        if round_:
+    for round_ in range(CUT_ROUNDS if start is None else 1):
+        if round_ or start is not None:
             model = learn(lab, background, foreground)
         if model is None:
             return Segmentation(np.zeros(shape, bool), first.field, 0.0)
@@ -498,6 +526,8 @@ def cut(
         steep = steep_edges(lab, background)
         foreground = outlined(drop_specks(graph_cut(unary, pairwise)), steep)
         foreground = close_outline(foreground, steep, outline if strict else None)
+        if start is not None:
+            foreground = complete_outline(foreground, outline)
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     if model is None or np.count_nonzero(foreground) < MIN_PIECE_PX:
         return Segmentation(np.zeros(shape, bool), first.field, 0.0)
@@ -620,6 +650,72 @@ def close_outline(foreground: BoolImage, steep: BoolImage, outline: BoolImage | 
     filled = fill[labels] & ~closed
     seam = attached & cv2.dilate(filled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     return as_bool(foreground | filled | seam)
+
+
+def complete_outline(foreground: BoolImage, outline: BoolImage) -> BoolImage:
+    """The labels with their convex outline completed, keeping the holes seen through the piece.
+
+    A band polished like a mirror shows the backdrop over much of its body, so its labels are pieces of a ring
+    whose outline doesn't close and whose hole runs out through the gaps. Inside the labels' convex hull, every
+    region between the labels and the outline edges that touches the hull's rim and is wide (narrow ones are left to
+    `close_outline`) is looked at from its middle (`visible_hole`): if nearly every ray from there ends on an edge it
+    is a hole seen through the piece, and what lies beyond the hole's own edge is the piece; otherwise it is open to
+    the outside (between two pieces, inside a C) and stays as it is. Regions the labels already enclose are holes
+    `close_outline` kept, and are left alone too."""
+    if not foreground.any():
+        return foreground
+    side = max(foreground.shape)
+    hull = np.zeros(foreground.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(foreground.astype(np.uint8))), 1)
+    inside = hull.astype(bool)
+    barrier = foreground | (outline & inside)
+    region = inside & ~barrier
+    count, labels = cv2.connectedComponents(region.astype(np.uint8), connectivity=4)
+    rim = inside & ~cv2.erode(hull, np.ones((3, 3), np.uint8)).astype(bool)
+    open_to_rim = np.zeros(count, bool)
+    open_to_rim[labels[rim & region]] = True
+    depth = cv2.distanceTransform((~barrier).astype(np.uint8), cv2.DIST_L2, 3)
+    widest = np.zeros(count, np.float32)
+    np.maximum.at(widest, labels.ravel(), depth.ravel())
+    candidates = open_to_rim & (widest >= HOLE_MIN_RADIUS * side)
+    candidates[0] = False
+    added = np.zeros(foreground.shape, bool)
+    for index in np.flatnonzero(candidates):
+        component = labels == index
+        hole, open_share = visible_hole(component, barrier, inside)
+        if open_share <= HOLE_OPEN_SHARE:
+            added |= component & ~hole
+    if not added.any():
+        return foreground
+    seam = outline & inside & cv2.dilate(added.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return as_bool(foreground | added | seam)
+
+
+def visible_hole(region: BoolImage, barrier: BoolImage, inside: BoolImage) -> tuple[BoolImage, float]:
+    """The hole in `region` as seen from its deepest point, and the share of rays from there that leave `inside`
+    without meeting the `barrier` (the region is open to the outside, not a hole, when that is large).
+
+    Each of HOLE_RAYS rays runs to the first barrier pixel or out of `inside`; one much longer than its neighbours
+    went through a gap in the hole's edge and is cut back to their median. The hole is the polygon of the rays'
+    ends."""
+    height, width = region.shape
+    depth = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 3)
+    cy, cx = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    angles = np.linspace(0, 2 * np.pi, HOLE_RAYS, endpoint=False)
+    steps = np.arange(math.ceil(math.hypot(height, width)))
+    xs = np.round(cx + np.cos(angles)[:, None] * steps).astype(np.intp)
+    ys = np.round(cy + np.sin(angles)[:, None] * steps).astype(np.intp)
+    on_image = (xs >= 0) & (ys >= 0) & (xs < width) & (ys < height)
+    xs, ys = np.clip(xs, 0, width - 1), np.clip(ys, 0, height - 1)
+    ends = np.argmax(barrier[ys, xs] | ~inside[ys, xs] | ~on_image, axis=1)
+    rays = np.arange(HOLE_RAYS)
+    open_share = float(np.mean(~barrier[ys[rays, ends], xs[rays, ends]]))
+    reach = ends.astype(np.float64)
+    reach = np.minimum(reach, ndimage.median_filter(reach, size=HOLE_RAY_WINDOW, mode="wrap"))
+    polygon = np.stack([cx + np.cos(angles) * reach, cy + np.sin(angles) * reach], axis=1)
+    hole = np.zeros(region.shape, np.uint8)
+    cv2.fillPoly(hole, [np.round(polygon).astype(np.int32)], 1)
+    return as_bool(hole), open_share
 
 
 def outlined(candidates: BoolImage, steep: BoolImage) -> BoolImage:
