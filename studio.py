@@ -695,9 +695,9 @@ def visible_hole(region: BoolImage, barrier: BoolImage, inside: BoolImage) -> tu
     """The hole in `region` as seen from its deepest point, and the share of rays from there that leave `inside`
     without meeting the `barrier` (the region is open to the outside, not a hole, when that is large).
 
-    Each of HOLE_RAYS rays runs to the first barrier pixel or out of `inside`; one much longer than its neighbours
-    went through a gap in the hole's edge and is cut back to their median. The hole is the polygon of the rays'
-    ends."""
+    Each of HOLE_RAYS rays runs to the first barrier pixel or out of `inside`, and is cut back to the median of the
+    HOLE_RAY_WINDOW rays around it where it runs further (one that went through a gap in the hole's edge runs on
+    far beyond its neighbours). The hole is the polygon of the rays' ends."""
     height, width = region.shape
     depth = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 3)
     cy, cx = np.unravel_index(int(np.argmax(depth)), depth.shape)
