@@ -183,11 +183,13 @@ class Mixture:
     def cost(self, flat: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """-log density of each of N Lab colours (N×3), in nats (the best component's, a close upper bound)."""
         best = np.full(flat.shape[0], np.inf, np.float32)
+        pixels = np.ascontiguousarray(flat, np.float32).reshape(-1, 1, 3)  # OpenCV's per-pixel affine maps: ~10× numpy
         for k in range(self.weights.size):
-            whiten = np.linalg.cholesky(self.precisions[k]).astype(np.float32)  # precision = whiten @ whiten.T
-            d = (flat - self.means[k].astype(np.float32)) @ whiten
-            offset = np.float32(-self.log_norms[k] - np.log(self.weights[k]))
-            np.minimum(best, 0.5 * np.einsum("ni,ni->n", d, d) + offset, out=best)
+            whiten = np.linalg.cholesky(self.precisions[k]).T  # precision = whiten.T @ whiten
+            d = cv2.transform(pixels, np.hstack([whiten, -(whiten @ self.means[k])[:, None]]).astype(np.float32))
+            offset = -self.log_norms[k] - np.log(self.weights[k])
+            half_norm = cv2.transform(cv2.multiply(d, d), np.array([[0.5, 0.5, 0.5, offset]], np.float32))
+            np.minimum(best, half_norm.reshape(-1), out=best)
         return best
 
 
@@ -205,8 +207,10 @@ def fit_mixture(samples: npt.NDArray[np.float32], components: int, floor: float)
         distance = np.minimum(distance, np.linalg.norm(data - centres[-1], axis=1))
     means = np.array(centres)
     for _ in range(6):
-        labels = np.argmin(((data[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
-        means = np.array([data[labels == j].mean(0) if np.any(labels == j) else means[j] for j in range(k)])
+        labels = np.argmin((means * means).sum(1) - 2 * data @ means.T, axis=1)  # nearest centre: |x|² is common
+        counts = np.bincount(labels, minlength=k)
+        sums = np.stack([np.bincount(labels, weights=data[:, c], minlength=k) for c in range(3)], axis=1)
+        means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], means)
     weights, precisions, log_norms = [], [], []
     for j in range(k):
         members = data[labels == j]
@@ -273,9 +277,12 @@ def polynomial_field(lab: FloatImage, background: BoolImage) -> FloatImage:
         coef = np.linalg.lstsq(a * sw, values * sw, rcond=None)[0]
         error = np.linalg.norm(values - a @ coef, axis=1)
         weights = 1.0 / np.maximum(1.0, error / max(1e-3, float(np.median(error))))
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float64)
-    grid = design(gy * 2.0 / h - 1, gx * 2.0 / w - 1)
-    return (grid @ coef).astype(np.float32)
+    # Evaluated as (terms in y) + (terms in x) + (x y term): the full design matrix over the grid costs far more.
+    y = (np.arange(h) * 2.0 / h - 1)[:, None, None]
+    x = (np.arange(w) * 2.0 / w - 1)[None, :, None]
+    rows = coef[0] + coef[2] * y + coef[5] * y * y
+    columns = coef[1] * x + coef[3] * x * x
+    return as_float(rows + columns + coef[4] * (x * y))
 
 
 def backdrop_field(lab: FloatImage, background: BoolImage, finest: float | None = None) -> FloatImage:
@@ -373,12 +380,10 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     if SHADOW_SATURATION > 0:
         # In shadow a coloured backdrop is lit by light it reflected itself: darker and more saturated. Fit lightness
         # and chroma scales separately; within the allowed boost the remaining departure is what counts.
-        f_light = f * np.array([1.0, 0, 0], np.float32)
-        f_chroma = f * np.array([0, 1.0, 1.0], np.float32)
-        light = dot(v, f_light) / np.maximum(dot(f_light, f_light), 1e-6)
-        tone = dot(v, f_chroma) / np.maximum(dot(f_chroma, f_chroma), 1e-6)
+        light = v[..., 0] * f[..., 0] / np.maximum(f[..., 0] * f[..., 0], 1e-6)
+        tone = dot(v[..., 1:], f[..., 1:]) / np.maximum(dot(f[..., 1:], f[..., 1:]), 1e-6)
         tone = np.clip(tone, light, light * (1 + SHADOW_SATURATION * np.clip(1 - light, 0, 1) / (1 - SHADOW_MIN_SCALE)))
-        boosted = (v - light[..., None] * f_light - tone[..., None] * f_chroma) @ whiten
+        boosted = (v - f * np.stack([light, tone, tone], axis=-1)) @ whiten
         chroma = np.where(light < 1, np.minimum(chroma, np.sqrt(dot(boosted, boosted))), chroma)
 
     brightness = np.log(np.maximum(level, 1e-3)).astype(np.float32)
