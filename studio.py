@@ -117,6 +117,11 @@ COMPLETE_BELOW = 0.5  # a cut less sure than this is tried once more with its co
 HOLE_OPEN_SHARE = 0.25  # ...where a wide region inside it is a hole seen through: rays from its middle end on edges
 HOLE_RAYS = 360
 HOLE_RAY_WINDOW = 61  # rays: a ray longer than the median of this many around it leaked through a gap in the edge
+PEEL_SHADOW_SHARE = 0.8  # a part of the labels beyond an outline edge is a contact shadow if this share is shadow...
+PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, light bounced off the piece tints it)...
+PEEL_SOFTNESS = 0.6  # ...its rim is less than this share as steep as the edge it hangs from...
+PEEL_HUG = 3.0  # ...it reaches no further from that edge than this many times its mean thickness along it...
+PEEL_ALONG = 2.0  # ...and the edge is this many times longer than that reach
 SPECK_SHARE = 2e-5  # components smaller than this share of the image are dropped...
 SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
 
@@ -464,7 +469,80 @@ def segment(small: ByteImage) -> Segmentation:
         if np.any(completed != best.foreground):
             strict = best is hypotheses[1]
             hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
-    return max(hypotheses, key=lambda segmentation: segmentation.confidence)
+    chosen = max(hypotheses, key=lambda segmentation: segmentation.confidence)
+    peeled = peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline)
+    return Segmentation(peeled, chosen.backdrop_lab, chosen.confidence)
+
+
+def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatImage, outline: BoolImage) -> BoolImage:
+    """The labels without the contact shadows they took in beyond the piece's own outline.
+
+    Right under a pearl or a bead the shadow is deep, thin and nearly the backdrop's colour: the field evidence
+    takes it for a thin dark part of the piece (a chain looks the same per pixel). But the piece's silhouette runs
+    between them as a sharp outline edge, and the shadow's far side fades into the backdrop, where a chain's is as
+    sharp as its near side. So the labels are split along the outline edges, and a part is dropped when it is a
+    shadow (nearly all of it darker than the lit backdrop, within a shadow's depth, and within PEEL_TINT of the
+    backdrop's chroma), smaller than a part it borders across an edge, and its rim against the backdrop is less
+    than PEEL_SOFTNESS as steep as its side along that edge."""
+    if not foreground.any():
+        return foreground
+    parts = foreground & ~outline
+    count, labels = cv2.connectedComponents(parts.astype(np.uint8), connectivity=4)
+    if count <= 2:
+        return foreground
+
+    def near(mask: BoolImage, size: int = 3) -> BoolImage:
+        return as_bool(cv2.dilate(mask.astype(np.uint8), np.ones((size, size), np.uint8)))
+
+    area = np.bincount(labels[parts], minlength=count)
+    # Each part's largest neighbour across an edge (its own area counts too: a part is not larger than itself).
+    area_image = np.where(parts, area[labels], 0).astype(np.float32)
+    edges = foreground & outline
+    largest_near_edge = np.where(edges, cv2.dilate(area_image, np.ones((5, 5), np.uint8)), 0)
+    across = cv2.dilate(largest_near_edge, np.ones((5, 5), np.uint8))
+    largest_neighbour = np.zeros(count, np.float32)
+    np.maximum.at(largest_neighbour, labels[parts].astype(np.intp), across[parts])
+    background = ~near(foreground, 5)
+    light = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
+    tint = length(lab[..., 1:] - field[..., 1:] * light[..., None])
+    shadow = field_evidence(lab, field, background)[1] & (tint < PEEL_TINT)
+    shadow_share = np.bincount(labels[parts], weights=shadow[parts], minlength=count) / np.maximum(area, 1)
+    candidates = np.flatnonzero((shadow_share > PEEL_SHADOW_SHARE) & (largest_neighbour > area))
+    candidates = candidates[candidates > 0]
+    if candidates.size == 0:
+        return foreground
+    gx = as_float(cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3))
+    gy = as_float(cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3))
+    steepness = np.sqrt(dot(gx, gx) + dot(gy, gy))
+    by_backdrop = near(~foreground)
+    boxes = cv2.connectedComponentsWithStats(parts.astype(np.uint8), connectivity=4)[2]
+    height, width = foreground.shape
+    soft = []
+    for index in candidates:
+        x, y, w, h = boxes[index, :4]
+        box = (slice(max(0, y - 2), min(height, y + h + 2)), slice(max(0, x - 2), min(width, x + w + 2)))
+        part = labels[box] == index
+        rim = part & by_backdrop[box]
+        larger = area[labels[box]] * parts[box] > area[index]
+        edge = edges[box] & near(part) & near(larger, 5)  # the edge it hangs from, not its own inner edges
+        if not (rim.any() and edge.any()):
+            continue
+        # A contact shadow lies along the edge it hangs from, about as thick all along; a dark wire with its own
+        # shadow runs away from it, and a bead hangs from a short stretch of it.
+        reach = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)[part].max()
+        along = np.count_nonzero(edge)
+        if reach > PEEL_HUG * area[index] / along or PEEL_ALONG * reach > along:
+            continue
+        if np.median(steepness[box][rim]) < PEEL_SOFTNESS * np.median(steepness[box][edge]):
+            soft.append(index)
+    if not soft:
+        return foreground
+    drop = np.zeros(count, bool)
+    drop[soft] = True
+    kept = foreground & ~drop[labels]
+    # Edge pixels that now border nothing but the backdrop were the shadow's, not the piece's silhouette.
+    stranded = kept & outline & ~near(kept & ~outline)
+    return as_bool(kept & ~stranded)
 
 
 @dataclass(frozen=True)

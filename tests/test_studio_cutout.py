@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 import studio
-from studio import Cutout, colour_line_matte, complete_outline, cut_out, explain, remap
+from studio import Cutout, colour_line_matte, complete_outline, cut_out, explain, peel_contact_shadows, remap
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 SAMPLE_NAMES = sorted(p.name.removesuffix("_photo.jpg") for p in SAMPLES.glob("*_photo.jpg"))
@@ -330,6 +330,66 @@ def test_complete_outline_leaves_regions_open_to_the_outside_and_enclosed_holes(
         labels = ellipse_mask(shape, (100, 80)) & ~ellipse_mask(shape, (90, 70))
     outline = cv2.morphologyEx(labels.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
     assert np.array_equal(complete_outline(labels, outline), labels)
+
+
+def pearl_over_its_shadow(
+    hanging: str, size: int = 384
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """A pale pink pearl (lit from above) over a deep contact shadow whose far side fades into the sweep; with
+    `hanging` = "wire" a neutral dark grey wire runs down from it through the shadow; with "bead" a mid-grey bead
+    hangs under it, with "cup" it sits in a light grey metal cup. Returns the photo, the labels a cut that took the
+    shadow in would give (piece and the shadow's core; the bead's and the cup's cuts are right) and the piece."""
+    side = size * SUPERSAMPLE
+    stamp = np.zeros((side, side), np.uint8)
+    cv2.circle(stamp, (side // 2, side // 2), side // 6, 255, -1, cv2.LINE_AA)
+    pearl = cv2.resize(stamp.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
+    if hanging == "wire":
+        end = (side // 2 + side // 20, side // 2 + side // 3)
+        cv2.line(stamp, (side // 2, side // 2), end, 255, 3 * SUPERSAMPLE, cv2.LINE_AA)
+    elif hanging == "bead":
+        cv2.circle(stamp, (side // 2, side // 2 + side // 6 + side // 25), side // 25, 255, -1, cv2.LINE_AA)
+    elif hanging in ("cup", "gold cup"):
+        cv2.ellipse(stamp, (side // 2, side // 2), (side // 6 + side // 40,) * 2, 0, 20, 160, 255, -1, cv2.LINE_AA)
+    alpha = cv2.resize(stamp.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
+    if hanging == "gold cup":  # out of focus: its rim is as soft as a shadow's
+        alpha = np.maximum(pearl, cv2.GaussianBlur(alpha, (0, 0), 3.0))
+    yy = np.mgrid[0:size, 0:size][0].astype(np.float32) / size
+    pink = np.array([238.0, 224.0, 222.0], np.float32) * (1.15 - 0.6 * yy)[..., None]
+    metal = {"bead": 140.0, "cup": 170.0, "gold cup": np.array([190.0, 150.0, 60.0], np.float32)}.get(hanging, 95.0)
+    colour = np.where((pearl > 0.5)[..., None], pink, np.float32(metal))
+    rgb, darkening = photograph(colour, alpha, seed=5, shadow=(0, 16, 8.0, 0.5))
+    piece = alpha > 0.5
+    return rgb, piece if hanging in ("bead", "cup", "gold cup") else piece | (darkening > 0.12), piece
+
+
+@pytest.mark.parametrize("hanging", ["shadow", "wire", "bead", "cup", "gold cup"])
+def test_peel_contact_shadows_drops_a_soft_shadow_beyond_the_outline_and_keeps_grey_parts(hanging: str) -> None:
+    rgb, labels, piece = pearl_over_its_shadow(hanging)
+    lab = studio.to_lab(studio.as_bytes(cv2.GaussianBlur(rgb, (0, 0), 0.8)))
+    field = studio.to_lab(studio.as_bytes(paper_sweep(rgb.shape[0]).round()))
+    outline = studio.outline_edges(lab, studio.border_band(lab.shape[:2]))
+    shadow = labels & ~piece
+    if hanging in ("shadow", "wire"):
+        assert np.count_nonzero(shadow) > 2000, "the fixture should take a shadow in"
+
+    peeled = peel_contact_shadows(lab, labels, field, outline)
+
+    assert np.count_nonzero(peeled & piece) > 0.995 * np.count_nonzero(piece), "piece lost"
+    if hanging == "bead":  # shadow-grey and beyond the pearl's edge, but hangs from a short stretch of it: kept
+        assert np.array_equal(peeled, labels)
+    elif hanging == "cup":  # shadow-grey and along the pearl's edge, but its own rim is sharp: kept
+        assert np.array_equal(peeled, labels)
+    elif hanging == "gold cup":  # along the pearl's edge and soft-rimmed, but no shadow has its colour: kept
+        assert np.array_equal(peeled, labels)
+    elif hanging == "shadow":
+        assert np.count_nonzero(peeled & shadow) < 0.1 * np.count_nonzero(shadow), "shadow kept"
+    else:  # the wire and its shadow are one part of the labels, and it runs away from the pearl's edge: kept
+        below = np.zeros_like(piece)
+        below[rgb.shape[0] // 2 + rgb.shape[0] // 6 + 2 :] = True  # under the pearl
+        wire = piece & below
+        assert np.count_nonzero(wire) > 150
+        assert np.array_equal(peeled & wire, wire), "wire dropped"
+        assert np.count_nonzero(peeled & shadow) > 0.99 * np.count_nonzero(shadow), "the wire's part dropped"
 
 
 @pytest.mark.parametrize("count", [0, 1, 5000, 70_000])
