@@ -118,7 +118,8 @@ HOLE_OPEN_SHARE = 0.25  # ...where a wide region inside it is a hole seen throug
 HOLE_RAYS = 360
 HOLE_RAY_WINDOW = 61  # rays: a ray longer than the median of this many around it leaked through a gap in the edge
 PEEL_SHADOW_SHARE = 0.8  # a part of the labels beyond an outline edge is a contact shadow if this share is shadow...
-PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, light bounced off the piece tints it)...
+PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, beyond the backdrop's own variation...
+PEEL_BOUNCE = 0.5  # ...or up to this share of the piece's beside it, whose light it bounces)...
 PEEL_SOFTNESS = 0.6  # ...its rim is less than this share as steep as the edge it hangs from...
 PEEL_HUG = 3.0  # ...it reaches no further from that edge than this many times its mean thickness along it...
 PEEL_ALONG = 2.0  # ...and the edge is this many times longer than that reach
@@ -480,10 +481,13 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
     Right under a pearl or a bead the shadow is deep, thin and nearly the backdrop's colour: the field evidence
     takes it for a thin dark part of the piece (a chain looks the same per pixel). But the piece's silhouette runs
     between them as a sharp outline edge, and the shadow's far side fades into the backdrop, where a chain's is as
-    sharp as its near side. So the labels are split along the outline edges, and a part is dropped when it is a
-    shadow (nearly all of it darker than the lit backdrop, within a shadow's depth, and within PEEL_TINT of the
-    backdrop's chroma), smaller than a part it borders across an edge, and its rim against the backdrop is less
-    than PEEL_SOFTNESS as steep as its side along that edge."""
+    sharp as its near side. So the labels are split along the outline edges, and a part is dropped when:
+
+    - it is smaller than a part it borders across an edge, and lies along that edge (a bead hanging from a short
+      stretch of it, or a wire running away from it, is not a contact shadow);
+    - nearly all of it looks like a shadow: darker than the lit backdrop, within a shadow's depth, and of the
+      backdrop's chroma give or take PEEL_TINT, the backdrop's own variation and light bounced off the piece;
+    - its rim against the backdrop is less than PEEL_SOFTNESS as steep as the edge it hangs from."""
     if not foreground.any():
         return foreground
     parts = foreground & ~outline
@@ -505,8 +509,9 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
     background = ~near(foreground, 5)
     light = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
     tint = length(lab[..., 1:] - field[..., 1:] * light[..., None])
-    shadow = field_evidence(lab, field, background)[1] & (tint < PEEL_TINT)
+    shadow = field_evidence(lab, field, background)[1]
     shadow_share = np.bincount(labels[parts], weights=shadow[parts], minlength=count) / np.maximum(area, 1)
+    own_tint = float(np.quantile(tint[background], BACKDROP_QUANTILE)) if background.any() else 0.0
     candidates = np.flatnonzero((shadow_share > PEEL_SHADOW_SHARE) & (largest_neighbour > area))
     candidates = candidates[candidates > 0]
     if candidates.size == 0:
@@ -526,6 +531,14 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
         larger = area[labels[box]] * parts[box] > area[index]
         edge = edges[box] & near(part) & near(larger, 5)  # the edge it hangs from, not its own inner edges
         if not (rim.any() and edge.any()):
+            continue
+        # Its colour: the backdrop's, darker, give or take the backdrop's own variation and light bounced off the
+        # piece beside it.
+        beside = larger & near(edge, 7) & ~edges[box]
+        limit = PEEL_TINT + own_tint
+        if beside.any():
+            limit = max(limit, PEEL_BOUNCE * float(np.median(tint[box][beside])))
+        if np.mean(shadow[box][part] & (tint[box][part] < limit)) <= PEEL_SHADOW_SHARE:
             continue
         # A contact shadow lies along the edge it hangs from, about as thick all along; a dark wire with its own
         # shadow runs away from it, and a bead hangs from a short stretch of it.

@@ -337,8 +337,9 @@ def pearl_over_its_shadow(
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """A pale pink pearl (lit from above) over a deep contact shadow whose far side fades into the sweep; with
     `hanging` = "wire" a neutral dark grey wire runs down from it through the shadow; with "bead" a mid-grey bead
-    hangs under it, with "cup" it sits in a light grey metal cup. Returns the photo, the labels a cut that took the
-    shadow in would give (piece and the shadow's core; the bead's and the cup's cuts are right) and the piece."""
+    hangs under it, with "cup" it sits in a light grey metal cup; "gold shadow" is a gold disc whose shadow takes a
+    little of its colour from the light it bounces. Returns the photo, the labels a cut that took the shadow in would
+    give (piece and the shadow's core; the bead's and the cups' cuts are right) and the piece."""
     side = size * SUPERSAMPLE
     stamp = np.zeros((side, side), np.uint8)
     cv2.circle(stamp, (side // 2, side // 2), side // 6, 255, -1, cv2.LINE_AA)
@@ -356,20 +357,26 @@ def pearl_over_its_shadow(
     yy = np.mgrid[0:size, 0:size][0].astype(np.float32) / size
     pink = np.array([238.0, 224.0, 222.0], np.float32) * (1.15 - 0.6 * yy)[..., None]
     metal = {"bead": 140.0, "cup": 170.0, "gold cup": np.array([190.0, 150.0, 60.0], np.float32)}.get(hanging, 95.0)
+    gold = np.array([200.0, 160.0, 70.0], np.float32)
+    if hanging == "gold shadow":
+        pink = gold * (1.15 - 0.6 * yy)[..., None]
     colour = np.where((pearl > 0.5)[..., None], pink, np.float32(metal))
     rgb, darkening = photograph(colour, alpha, seed=5, shadow=(0, 16, 8.0, 0.5))
     piece = alpha > 0.5
+    if hanging == "gold shadow":  # bounced light: the shadow drifts towards the piece's colour as it deepens
+        bounce = (darkening * ~piece)[..., None] * 0.25 * (gold - gold.mean())
+        rgb = np.clip(rgb + bounce, 0, 255).round().astype(np.uint8)
     return rgb, piece if hanging in ("bead", "cup", "gold cup") else piece | (darkening > 0.12), piece
 
 
-@pytest.mark.parametrize("hanging", ["shadow", "wire", "bead", "cup", "gold cup"])
+@pytest.mark.parametrize("hanging", ["shadow", "gold shadow", "wire", "bead", "cup", "gold cup"])
 def test_peel_contact_shadows_drops_a_soft_shadow_beyond_the_outline_and_keeps_grey_parts(hanging: str) -> None:
     rgb, labels, piece = pearl_over_its_shadow(hanging)
     lab = studio.to_lab(studio.as_bytes(cv2.GaussianBlur(rgb, (0, 0), 0.8)))
     field = studio.to_lab(studio.as_bytes(paper_sweep(rgb.shape[0]).round()))
     outline = studio.outline_edges(lab, studio.border_band(lab.shape[:2]))
     shadow = labels & ~piece
-    if hanging in ("shadow", "wire"):
+    if hanging in ("shadow", "gold shadow", "wire"):
         assert np.count_nonzero(shadow) > 2000, "the fixture should take a shadow in"
 
     peeled = peel_contact_shadows(lab, labels, field, outline)
@@ -381,7 +388,7 @@ def test_peel_contact_shadows_drops_a_soft_shadow_beyond_the_outline_and_keeps_g
         assert np.array_equal(peeled, labels)
     elif hanging == "gold cup":  # along the pearl's edge and soft-rimmed, but no shadow has its colour: kept
         assert np.array_equal(peeled, labels)
-    elif hanging == "shadow":
+    elif hanging in ("shadow", "gold shadow"):
         assert np.count_nonzero(peeled & shadow) < 0.1 * np.count_nonzero(shadow), "shadow kept"
     else:  # the wire and its shadow are one part of the labels, and it runs away from the pearl's edge: kept
         below = np.zeros_like(piece)
