@@ -117,6 +117,7 @@ COMPLETE_BELOW = 0.5  # a cut less sure than this is tried once more with its co
 HOLE_OPEN_SHARE = 0.25  # ...where a wide region inside it is a hole seen through: rays from its middle end on edges
 HOLE_RAYS = 360
 HOLE_RAY_WINDOW = 61  # rays: a ray longer than the median of this many around it leaked through a gap in the edge
+BRIDGE_GAP = 0.012  # in that round, outline edges stopping this short of the labels (share of the side) are joined
 PEEL_SHADOW_SHARE = 0.8  # a part of the labels beyond an outline edge is a contact shadow if this share is shadow...
 PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, beyond the backdrop's own variation...
 PEEL_BOUNCE = 0.5  # ...or up to this share of the piece's beside it, whose light it bounces)...
@@ -623,7 +624,7 @@ def cut(
         previous = foreground
         steep = steep_edges(lab, background)
         foreground = outlined(drop_specks(graph_cut(unary, pairwise)), steep)
-        foreground = close_outline(foreground, steep, outline if strict else None)
+        foreground = close_outline(foreground, steep, outline if strict else None, bridge=start is not None)
         if start is not None:
             foreground = complete_outline(foreground, outline)
         background = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -712,13 +713,15 @@ def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
     return as_bool(steepness > np.quantile(steepness[reference], OUTLINE_QUANTILE))
 
 
-def close_outline(foreground: BoolImage, steep: BoolImage, outline: BoolImage | None) -> BoolImage:
+def close_outline(
+    foreground: BoolImage, steep: BoolImage, outline: BoolImage | None, *, bridge: bool = False
+) -> BoolImage:
     """Fill what the piece's outline encloses, except true holes.
 
     Polished metal can mirror the backdrop so exactly that only its outline shows: steep edges connected to the piece
     close such regions. An enclosed region stays background (the inside of a ring, a chain loop) if it is wide and
     as smooth as the backdrop; a thin sliver between outlines, or a busy region (the facets of a clear stone), is
-    filled."""
+    filled. With `bridge`, edges that stop just short of the labels are joined to them first (`bridge_gaps`)."""
     side = max(foreground.shape)
     if outline is None:
         near = cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -734,6 +737,8 @@ def close_outline(foreground: BoolImage, steep: BoolImage, outline: BoolImage | 
     touching[0] = False
     attached = touching[labels]
     closed = foreground | attached
+    if bridge:
+        closed |= bridge_gaps(foreground, attached)
     count, labels = cv2.connectedComponents((~closed).astype(np.uint8), connectivity=4)
     outside = np.zeros(count, bool)
     outside[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
@@ -748,6 +753,27 @@ def close_outline(foreground: BoolImage, steep: BoolImage, outline: BoolImage | 
     filled = fill[labels] & ~closed
     seam = attached & cv2.dilate(filled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     return as_bool(foreground | filled | seam)
+
+
+def bridge_gaps(foreground: BoolImage, edges: BoolImage) -> BoolImage:
+    """Straight joins from each free end of `edges` that stops within BRIDGE_GAP of the labels to the nearest label
+    pixel. Where a mirror-polished face meets the backdrop its outline edge fades out for a few pixels, so the
+    sliver of face between it and the labels leaks out to the backdrop through the gap."""
+    height, width = foreground.shape
+    gap = max(1, round(BRIDGE_GAP * max(height, width)))
+    lines = edges.astype(np.uint8)
+    neighbours = cv2.filter2D(lines, -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT) - lines
+    distance = cv2.distanceTransform((~foreground).astype(np.uint8), cv2.DIST_L2, 5)
+    ends = (lines > 0) & (neighbours == 1) & (distance > 1.5) & (distance <= gap)
+    joins = np.zeros((height, width), np.uint8)
+    for y, x in zip(*np.nonzero(ends), strict=True):
+        top, left = max(0, y - gap), max(0, x - gap)
+        window = foreground[top : y + gap + 1, left : x + gap + 1]
+        wy, wx = np.nonzero(window)
+        if wy.size:
+            nearest = int(np.argmin((wy + top - y) ** 2 + (wx + left - x) ** 2))
+            cv2.line(joins, (int(x), int(y)), (int(wx[nearest] + left), int(wy[nearest] + top)), 1, 1)
+    return as_bool(joins)
 
 
 def complete_outline(foreground: BoolImage, outline: BoolImage) -> BoolImage:
