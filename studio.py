@@ -363,7 +363,9 @@ def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float,
     return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
 
 
-def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> tuple[FloatImage, BoolImage]:
+def field_evidence(
+    lab: FloatImage, field: FloatImage, reference: BoolImage
+) -> tuple[FloatImage, BoolImage, BoolImage]:
     """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field.
 
     Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
@@ -373,8 +375,8 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     looks like, and also what grey metal looks like: that gets only a weak vote, growing with depth, and the
     contrast term decides.
 
-    Also returns which pixels look like a shadow: darker than the lit backdrop, by no more than the deepest shadow
-    explained."""
+    Also returns which pixels look like a shadow (darker than the lit backdrop, by no more than the deepest shadow
+    explained) and which are darker than the lit backdrop at all."""
     v = lab + np.array([16.0, 0, 0], np.float32)
     f = field + np.array([16.0, 0, 0], np.float32)
     level = dot(v, f) / np.maximum(dot(f, f), 1e-6)
@@ -422,7 +424,7 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     darker = brightness - lit < -EVIDENCE_THRESHOLD * lit_spread
     shadowed = np.where(darker, np.clip(SHADOW_BIAS + SHADOW_DEPTH_GAIN * depth, -2.0, 2.0), -LIT_WEIGHT)
     unary = as_float(np.where(piece > 0, np.minimum(piece, UNARY_CAP), np.maximum(piece, shadowed)))
-    return unary, as_bool(darker & (brightness - lit > darkest))
+    return unary, as_bool(darker & (brightness - lit > darkest)), as_bool(darker)
 
 
 def shadowed_samples(lab: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -486,8 +488,9 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
 
     - it is smaller than a part it borders across an edge, and lies along that edge (a bead hanging from a short
       stretch of it, or a wire running away from it, is not a contact shadow);
-    - nearly all of it looks like a shadow: darker than the lit backdrop, within a shadow's depth, and of the
-      backdrop's chroma give or take PEEL_TINT, the backdrop's own variation and light bounced off the piece;
+    - nearly all of it looks like a shadow: darker than the lit backdrop (however deep: right where the piece
+      touches, no light gets in) and of the backdrop's chroma give or take PEEL_TINT, the backdrop's own variation
+      and light bounced off the piece;
     - its rim against the backdrop is less than PEEL_SOFTNESS as steep as the edge it hangs from."""
     if not foreground.any():
         return foreground
@@ -510,7 +513,7 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
     background = ~near(foreground, 5)
     light = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
     tint = length(lab[..., 1:] - field[..., 1:] * light[..., None])
-    shadow = field_evidence(lab, field, background)[1]
+    shadow = field_evidence(lab, field, background)[2]  # however deep: right at the contact no light gets in
     shadow_share = np.bincount(labels[parts], weights=shadow[parts], minlength=count) / np.maximum(area, 1)
     own_tint = float(np.quantile(tint[background], BACKDROP_QUANTILE)) if background.any() else 0.0
     candidates = np.flatnonzero((shadow_share > PEEL_SHADOW_SHARE) & (largest_neighbour > area))
@@ -576,7 +579,7 @@ def learn(lab: FloatImage, background: BoolImage, foreground: BoolImage | None) 
     strong evidence; after that from its labels where the evidence doesn't speak against them, so a shadow
     wrongly taken in last round does not teach the model its colour."""
     field = lit_field(lab, background)
-    unary, shadow_like = field_evidence(lab, field, background)
+    unary, shadow_like, _ = field_evidence(lab, field, background)
     if foreground is None:
         known = unary > SEED_EVIDENCE
     else:
