@@ -556,10 +556,18 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
         return foreground
     drop = np.zeros(count, bool)
     drop[soft] = True
-    kept = foreground & ~drop[labels]
+    dropped = foreground & drop[labels]
+    kept = foreground & ~dropped
     # Edge pixels that now border nothing but the backdrop were the shadow's, not the piece's silhouette.
-    stranded = kept & outline & ~near(kept & ~outline)
-    return as_bool(kept & ~stranded)
+    kept &= ~(outline & ~near(kept & ~outline))
+    # So were the slivers the shadow alone joined to the piece (its tips, cut off by its own edges): what is left
+    # beside the dropped parts as a component of its own, smaller than they are.
+    count, pieces, stats, _ = cv2.connectedComponentsWithStats(kept.astype(np.uint8), connectivity=8)
+    beside = np.zeros(count, bool)
+    beside[pieces[near(dropped) & kept]] = True
+    beside[0] = False
+    sliver = beside & (stats[:, cv2.CC_STAT_AREA] < np.count_nonzero(dropped))
+    return as_bool(kept & ~sliver[pieces])
 
 
 @dataclass(frozen=True)

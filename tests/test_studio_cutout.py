@@ -388,6 +388,8 @@ def test_peel_contact_shadows_drops_a_soft_shadow_beyond_the_outline_and_keeps_g
         assert np.array_equal(peeled, labels)
     elif hanging in ("shadow", "deep shadow", "gold shadow"):
         assert np.count_nonzero(peeled & shadow) < 0.1 * np.count_nonzero(shadow), "shadow kept"
+        pieces = cv2.connectedComponents(peeled.astype(np.uint8), connectivity=8)[0] - 1
+        assert pieces == 1, "slivers of the shadow left beside it"
     else:  # the wire and its shadow are one part of the labels, and it runs away from the pearl's edge: kept
         below = np.zeros_like(piece)
         below[rgb.shape[0] // 2 + rgb.shape[0] // 6 + 2 :] = True  # under the pearl
