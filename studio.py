@@ -495,7 +495,7 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
     if not foreground.any():
         return foreground
     parts = foreground & ~outline
-    count, labels = cv2.connectedComponents(parts.astype(np.uint8), connectivity=4)
+    count, labels, boxes, _ = cv2.connectedComponentsWithStats(parts.astype(np.uint8), connectivity=4)
     if count <= 2:
         return foreground
 
@@ -520,11 +520,8 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
     candidates = candidates[candidates > 0]
     if candidates.size == 0:
         return foreground
-    gx = as_float(cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3))
-    gy = as_float(cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3))
-    steepness = np.sqrt(dot(gx, gx) + dot(gy, gy))
+    steepness = steepness_of(lab)
     by_backdrop = near(~foreground)
-    boxes = cv2.connectedComponentsWithStats(parts.astype(np.uint8), connectivity=4)[2]
     height, width = foreground.shape
     soft = []
     for index in candidates:
@@ -716,11 +713,16 @@ def outline_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
     return as_bool(cv2.Canny(dx16, dy16, CANNY_HIGH / 2, CANNY_HIGH, L2gradient=True) > 0)
 
 
-def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
-    """Pixels whose gradient is steeper than nearly all of the backdrop's own."""
+def steepness_of(lab: FloatImage) -> FloatImage:
+    """Per pixel, the length of the Lab gradient (3×3 Sobel)."""
     gx = as_float(cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3))
     gy = as_float(cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3))
-    steepness = np.sqrt(dot(gx, gx) + dot(gy, gy))
+    return as_float(np.sqrt(dot(gx, gx) + dot(gy, gy)))
+
+
+def steep_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:
+    """Pixels whose gradient is steeper than nearly all of the backdrop's own."""
+    steepness = steepness_of(lab)
     return as_bool(steepness > np.quantile(steepness[reference], OUTLINE_QUANTILE))
 
 
