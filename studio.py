@@ -53,7 +53,7 @@ import asyncio
 import functools
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +116,10 @@ HOLE_MAX_BUSY = 0.1  # ...and so are those with more steep pixels than this shar
 COMPLETE_BELOW = 0.5  # a cut less sure than this is tried once more with its convex outline completed...
 HOLE_OPEN_SHARE = 0.25  # ...where a wide region inside it is a hole seen through: rays from its middle end on edges
 HOLE_RAYS = 360
-HOLE_RAY_WINDOW = 61  # rays: a ray longer than the median of this many around it leaked through a gap in the edge
+HOLE_SPIKE_RAYS = 5  # rays: one longer than the median of this many around it went through a chink in the edge
+HOLE_JUMP = 0.05  # share of the median ray: a step this large from one ray to the next ends one stretch of the edge...
+HOLE_JUMP_PX = 3.0  # ...and at least this many pixels (the rays' ends are whole pixels)
+HOLE_ELLIPSE_FIT = 1.5  # px: across such gaps the edge is the ellipse through the other rays' ends if they fit it
 BRIDGE_GAP = 0.012  # in that round, outline edges stopping this short of the labels (share of the side) are joined
 PEEL_SHADOW_SHARE = 0.8  # a part of the labels beyond an outline edge is a contact shadow if this share is shadow...
 PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, beyond the backdrop's own variation...
@@ -363,9 +366,7 @@ def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float,
     return centre, max(floor, float(np.median(np.abs(values - centre))) * 1.4826)
 
 
-def field_evidence(
-    lab: FloatImage, field: FloatImage, reference: BoolImage
-) -> tuple[FloatImage, BoolImage, BoolImage]:
+def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> tuple[FloatImage, BoolImage, BoolImage]:
     """Log-likelihood ratio (nats, > 0 favours the piece) from how each pixel departs from the backdrop field.
 
     Three departures are evidence of the piece: a different chroma (after the best uniform darkening), brighter than
@@ -832,9 +833,10 @@ def visible_hole(region: BoolImage, barrier: BoolImage, inside: BoolImage) -> tu
     """The hole in `region` as seen from its deepest point, and the share of rays from there that leave `inside`
     without meeting the `barrier` (the region is open to the outside, not a hole, when that is large).
 
-    Each of HOLE_RAYS rays runs to the first barrier pixel or out of `inside`, and is cut back to the median of the
-    HOLE_RAY_WINDOW rays around it where it runs further (one that went through a gap in the hole's edge runs on
-    far beyond its neighbours). The hole is the polygon of the rays' ends."""
+    Each of HOLE_RAYS rays runs to the first barrier pixel or out of `inside`. A ray that went through a chink in the
+    hole's edge runs on far beyond its neighbours and is cut back to their median; a stretch of rays that went
+    through a wider gap (`leaked_rays`) is cut back to the reach interpolated between the rays on either side that
+    end on the hole's edge (`edge_across_gaps`). The hole is the polygon of the rays' ends."""
     height, width = region.shape
     depth = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 3)
     cy, cx = np.unravel_index(int(np.argmax(depth)), depth.shape)
@@ -848,11 +850,104 @@ def visible_hole(region: BoolImage, barrier: BoolImage, inside: BoolImage) -> tu
     rays = np.arange(HOLE_RAYS)
     open_share = float(np.mean(~barrier[ys[rays, ends], xs[rays, ends]]))
     reach = ends.astype(np.float64)
-    reach = np.minimum(reach, ndimage.median_filter(reach, size=HOLE_RAY_WINDOW, mode="wrap"))
+    reach = np.minimum(reach, ndimage.median_filter(reach, size=HOLE_SPIKE_RAYS, mode="wrap"))
+    leaked = leaked_rays(reach)
+    if leaked.any():
+        across = edge_across_gaps((float(cx), float(cy)), angles, reach, ~leaked)
+        reach[leaked] = np.minimum(reach[leaked], across[leaked])
     polygon = np.stack([cx + np.cos(angles) * reach, cy + np.sin(angles) * reach], axis=1)
     hole = np.zeros(region.shape, np.uint8)
     cv2.fillPoly(hole, [np.round(polygon).astype(np.int32)], 1)
     return as_bool(hole), open_share
+
+
+def edge_across_gaps(
+    centre: tuple[float, float], angles: npt.NDArray[np.float64], reach: npt.NDArray[np.float64], kept: BoolImage
+) -> npt.NDArray[np.float64]:
+    """How far each ray would run to the hole's edge, from the `kept` rays that end on it.
+
+    The inside of a ring or a loop seen at an angle is close to an ellipse: if one fits the kept rays' ends to within
+    HOLE_ELLIPSE_FIT pixels (after a second fit without those far inside the first, which end on something in front
+    of the edge), the ellipse is the edge across the gaps; if not, the reach is interpolated round the circle."""
+    known = np.flatnonzero(kept)
+    across = np.interp(angles, angles[known], reach[known], period=2 * np.pi)
+    fit = known
+    for _ in range(2):
+        if fit.size < 5:
+            break
+        ends = np.stack([centre[0] + np.cos(angles[fit]) * reach[fit], centre[1] + np.sin(angles[fit]) * reach[fit]])
+        along = ellipse_reach(cv2.fitEllipse(ends.T.astype(np.float32)), centre, angles)
+        if along is None:
+            break
+        if np.median(np.abs(reach[fit] - along[fit])) <= HOLE_ELLIPSE_FIT:
+            across = along
+        fit = known[reach[known] > along[known] - max(HOLE_JUMP_PX, HOLE_JUMP * float(np.median(reach)))]
+    return across
+
+
+def ellipse_reach(
+    ellipse: tuple[Sequence[float], Sequence[float], float],
+    centre: tuple[float, float],
+    angles: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64] | None:
+    """How far rays from `centre` at `angles` run to the edge of an ellipse as OpenCV gives it (centre, full axes,
+    degrees), or None if the centre is not inside it."""
+    (ex, ey), (width, height), degrees = ellipse
+    if min(width, height) <= 2:
+        return None
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    dx, dy = centre[0] - ex, centre[1] - ey
+    u, v = (dx * cos + dy * sin) / (width / 2), (dy * cos - dx * sin) / (height / 2)
+    if u * u + v * v >= 1:
+        return None
+    du = (np.cos(angles) * cos + np.sin(angles) * sin) / (width / 2)
+    dv = (np.sin(angles) * cos - np.cos(angles) * sin) / (height / 2)
+    # (u + t du)² + (v + t dv)² = 1, for the root t > 0
+    a, b, c = du * du + dv * dv, u * du + v * dv, u * u + v * v - 1
+    return np.asarray((np.sqrt(b * b - a * c) - b) / a, np.float64)
+
+
+def leaked_rays(reach: npt.NDArray[np.float64]) -> BoolImage:
+    """The rays (reaches in order round the circle) that went through a gap in the hole's edge.
+
+    Where consecutive rays differ by more than HOLE_JUMP of the median reach, one stretch of rays ends and another
+    begins: the farther stretch either went through a gap in the hole's edge or runs past something in front of the
+    edge (a bead hanging into the hole, whose edge is real). Which it is can only be told from the stretches around:
+    the longest stretch ends on the hole's edge, and so does any stretch nearer than both its neighbours. From
+    those, a stretch that runs farther than a trusted neighbour, and is shorter than it, leaked; one nearer than a
+    trusted neighbour is trusted too, and one farther than a leaked neighbour leaked too."""
+    count = reach.size
+    leaked = np.zeros(count, bool)
+    step = np.roll(reach, -1) - reach  # from each ray to the next
+    breaks = np.flatnonzero(np.abs(step) > max(HOLE_JUMP_PX, HOLE_JUMP * float(np.median(reach))))
+    if breaks.size < 2:
+        return leaked
+    # stretch k runs from just after breaks[k] to breaks[k + 1], round the circle
+    starts = (breaks + 1) % count
+    lengths = (np.roll(breaks, -1) - starts) % count + 1
+    stretches = breaks.size
+    farther_than_before = step[breaks] > 0
+    farther_than_after = np.roll(step[breaks], -1) < 0
+    state = np.zeros(stretches, np.int8)  # 1 ends on the hole's edge, -1 leaked, 0 not known yet
+    state[~farther_than_before & ~farther_than_after] = 1
+    state[np.argmax(lengths)] = 1
+    changed = True
+    while changed:
+        changed = False
+        for k in np.flatnonzero(state == 0):
+            around = (((k - 1) % stretches, farther_than_before[k]), ((k + 1) % stretches, farther_than_after[k]))
+            for other, farther in around:
+                if state[other] == 1 and not farther:
+                    state[k] = 1
+                elif farther and (state[other] == -1 or (state[other] == 1 and lengths[k] < lengths[other])):
+                    state[k] = -1
+                else:
+                    continue
+                changed = True
+                break
+    for k in np.flatnonzero(state == -1):
+        leaked[np.arange(starts[k], starts[k] + lengths[k]) % count] = True
+    return as_bool(leaked)
 
 
 def outlined(candidates: BoolImage, steep: BoolImage) -> BoolImage:

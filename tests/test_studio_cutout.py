@@ -45,10 +45,15 @@ def alpha_of(cutout: Cutout) -> npt.NDArray[np.float32]:
 KNOWN_GAPS: dict[str, str] = {}  # none left: the polished band on a white sweep reached 0.859 in stop 8
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name])) if name in KNOWN_GAPS else name
-    for name in SAMPLE_NAMES
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
+        if name in KNOWN_GAPS
+        else name
+        for name in SAMPLE_NAMES
+    ],
+)
 def test_sample_matches_its_ground_truth(cut_samples: dict, name: str) -> None:
     _, truth, cutout = cut_samples[name]
     alpha = alpha_of(cutout)
@@ -314,6 +319,35 @@ def test_complete_outline_fills_a_mirror_band_and_keeps_its_hole() -> None:
     assert np.count_nonzero(completed & inner) < 0.01 * np.count_nonzero(inner), "hole filled"
 
 
+@pytest.mark.parametrize(("gap", "bead"), [(40, False), (90, False), (40, True)])
+def test_complete_outline_keeps_the_hole_behind_a_wide_gap_in_its_edge(gap: int, bead: bool) -> None:
+    # The mirror band above, whose inner bevel on the left mirrors the backdrop too, beside a `gap` (degrees) in the
+    # hole's edge there: rays from the hole's middle run on through the gap to the labels beyond the bevel, and
+    # through a wide gap more of them do so than end on the hole's edge near it. With `bead`, a bead hangs into the
+    # hole from its top: the rays that end on it stop short of the hole's edge, and must not make the rest of the
+    # edge look like a gap.
+    shape = (256, 256)
+    hole = ellipse_mask(shape, (60, 45))
+    face = ellipse_mask(shape, (100, 80), -50, 50) & ~hole
+    bevel = ellipse_mask(shape, (80, 62), 180 - gap // 2 - 10, 180 + gap // 2 + 10) & ~hole
+    labels = ellipse_mask(shape, (100, 80)) & ~hole & ~face & ~bevel
+    if bead:
+        drop = cv2.circle(np.zeros(shape, np.uint8), (128, 128 - 38), 12, 1, -1) > 0
+        labels |= drop
+        hole &= ~drop
+    edge = np.zeros(shape, np.uint8)
+    cv2.ellipse(edge, (128, 128), (60, 45), 0, 30, 180 - gap // 2, 1, 1)  # the hole's edge, missing beside the
+    cv2.ellipse(edge, (128, 128), (60, 45), 0, 180 + gap // 2, 330, 1, 1)  # face and the bevel
+    outline = edge.astype(bool) & ~labels
+
+    completed = complete_outline(labels, outline)
+
+    assert not np.any(labels & ~completed), "labels lost"
+    assert np.count_nonzero(completed & bevel) > 0.9 * np.count_nonzero(bevel), "bevel not filled"
+    inner = cv2.erode(hole.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    assert np.count_nonzero(completed & inner) < 0.01 * np.count_nonzero(inner), "hole filled"
+
+
 @pytest.mark.parametrize("piece", ["open cuff", "two studs", "closed loop"])
 def test_complete_outline_leaves_regions_open_to_the_outside_and_enclosed_holes(piece: str) -> None:
     shape = (256, 256)
@@ -439,8 +473,9 @@ def test_remap_samples_any_number_of_points_as_opencv_does_on_a_grid(count: int)
     grid_x = np.zeros(side * side, np.float32)
     grid_y = np.zeros(side * side, np.float32)
     grid_x[:count], grid_y[:count] = xs, ys
-    expected = cv2.remap(image, grid_x.reshape(side, side), grid_y.reshape(side, side), cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REPLICATE).reshape(-1, 3)[:count]
+    expected = cv2.remap(
+        image, grid_x.reshape(side, side), grid_y.reshape(side, side), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    ).reshape(-1, 3)[:count]
     np.testing.assert_array_equal(points, expected)
 
 
