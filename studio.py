@@ -33,7 +33,8 @@ cover the image border and to be smooth or stationary in texture (paper sweeps, 
 5. Confidence. From the segmentation: stable labels, evidence that agrees with them along the boundary, a plausible
    size and framing, few fragments, a piece thick enough for a pixel of rim error not to matter, and above all an
    outline that is an edge all round with no edges running on outside the cut (which is what a missed mirror-like
-   part of the piece, or a shadow taken in, leaves behind).
+   part of the piece, or a shadow taken in, leaves behind). That last is taken again once contact shadows are
+   peeled off, not counting edges in the backdrop's shadows (a peeled shadow's outline, cloth texture it brings out).
 
 Scenes (`render_scene`). Each scene is a ground plane seen through a short telephoto from the scene's camera
 elevation, textured with lattice noise evaluated in the plane's own coordinates (so the texture recedes in
@@ -476,7 +477,14 @@ def segment(small: ByteImage) -> Segmentation:
             hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
     chosen = max(hypotheses, key=lambda segmentation: segmentation.confidence)
     peeled = peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline)
-    return Segmentation(peeled, chosen.backdrop_lab, chosen.confidence)
+    # The outline term of the confidence again, for the labels as they now are: a peeled shadow's own outline runs on
+    # beyond the piece, and so do the texture edges a shadow brings out in cloth, which says nothing of the piece.
+    around = ~cv2.dilate(chosen.foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    darker = field_evidence(lab, chosen.backdrop_lab, around)[2]
+    shade = cv2.dilate(darker.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    was = outline_explained(chosen.foreground, outline)
+    confidence = float(np.clip(chosen.confidence * outline_explained(peeled, outline, shade) / was, 0.0, 1.0))
+    return Segmentation(peeled, chosen.backdrop_lab, confidence)
 
 
 def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatImage, outline: BoolImage) -> BoolImage:
@@ -684,15 +692,24 @@ def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border
     rim_length = max(1.0, np.count_nonzero(cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))) / 2)
     half_width = np.count_nonzero(foreground) / rim_length  # a band w wide and L long: area w L, rim 2 L
     precision = float(np.clip(1.0 - RIM_ERROR_PX / half_width, 0.0, 1.0))
+    quality = stability**2 * clarity * framing * size * fragments * precision * outline_explained(foreground, edges)
+    return float(np.clip(quality, 0.0, 1.0))
+
+
+def outline_explained(foreground: BoolImage, edges: BoolImage, shade: BoolImage | None = None) -> float:
+    """exp(-UNEXPLAINED_WEIGHT × the length of the `edges` that touch the labels and run on beyond them, in rim
+    lengths), not counting those in `shade`."""
+    labels = foreground.astype(np.uint8)
+    rim_length = max(1.0, np.count_nonzero(cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))) / 2)
     near = cv2.dilate(labels, np.ones((5, 5), np.uint8)).astype(bool)
     count, pieces = cv2.connectedComponents(edges.astype(np.uint8), connectivity=8)
     attached = np.zeros(count, bool)
     attached[pieces[near & edges]] = True
     attached[0] = False
-    unexplained = np.count_nonzero(attached[pieces] & ~near) / rim_length
-    explained = float(np.exp(-UNEXPLAINED_WEIGHT * unexplained))
-    quality = stability**2 * clarity * framing * size * fragments * precision * explained
-    return float(np.clip(quality, 0.0, 1.0))
+    running_on = attached[pieces] & ~near
+    if shade is not None:
+        running_on &= ~shade
+    return float(np.exp(-UNEXPLAINED_WEIGHT * np.count_nonzero(running_on) / rim_length))
 
 
 def outline_edges(lab: FloatImage, reference: BoolImage) -> BoolImage:

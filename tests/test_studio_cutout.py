@@ -433,6 +433,16 @@ def test_peel_contact_shadows_drops_a_soft_shadow_beyond_the_outline_and_keeps_g
         assert np.count_nonzero(peeled & shadow) > 0.99 * np.count_nonzero(shadow), "the wire's part dropped"
 
 
+@pytest.mark.parametrize("hanging", ["shadow", "deep shadow"])
+def test_a_peeled_contact_shadow_does_not_lower_the_confidence(hanging: str) -> None:
+    # Once the shadow is peeled off, its own outline runs on beyond the cut: that is no sign of a missed part of the
+    # piece, so a clean cut-out must not be sent to a human for it (the README suggests flagging under 0.5).
+    rgb, _, piece = pearl_over_its_shadow(hanging)
+    cutout = cut_out(rgb)
+    assert iou_of(cutout, piece.astype(np.float32)) > 0.95
+    assert cutout.confidence > 0.6
+
+
 @pytest.mark.parametrize("short_by", [4, 14])
 def test_close_outline_bridges_an_edge_that_stops_just_short_of_the_labels(short_by: int) -> None:
     # A face mirroring the backdrop between the labels (a block) and its outline edge, which leaves the labels at the
