@@ -469,6 +469,18 @@ def test_close_outline_bridges_an_edge_that_stops_just_short_of_the_labels(short
     assert not np.any(labels & ~bridged)
 
 
+@pytest.mark.parametrize(
+    "shapes", [((0, 3), (0, 3)), ((1, 3), (1, 3)), ((7, 5, 3), (7, 5, 3)), ((40000, 3), (40000, 3)), ((6, 3), (3,))]
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dot_is_the_per_pixel_dot_product(shapes: tuple[tuple[int, ...], tuple[int, ...]], dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    a, b = (rng.normal(0, 50, shape).astype(dtype) for shape in shapes)
+    expected = (a.astype(np.float64) * b.astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(studio.dot(a, b), expected, rtol=1e-5, atol=1e-2)
+    assert studio.dot(a, b).shape == expected.shape
+
+
 @pytest.mark.parametrize("count", [0, 1, 5000, 70_000])
 def test_remap_samples_any_number_of_points_as_opencv_does_on_a_grid(count: int) -> None:
     """The matte samples its low-resolution estimates at the band's pixels only; past OpenCV's 32767-a-side limit
