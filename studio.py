@@ -128,6 +128,8 @@ PEEL_BOUNCE = 0.5  # ...or up to this share of the piece's beside it, whose ligh
 PEEL_SOFTNESS = 0.6  # ...its rim is less than this share as steep as the edge it hangs from...
 PEEL_HUG = 3.0  # ...it reaches no further from that edge than this many times its mean thickness along it...
 PEEL_ALONG = 2.0  # ...and the edge is this many times longer than that reach
+LOOSE_SHARE = 0.02  # loose parts smaller than this share of the piece are dropped if their rim is soft...
+LOOSE_SOFTNESS = 0.6  # ...under this share as steep as the piece's
 SPECK_SHARE = 2e-5  # components smaller than this share of the image are dropped...
 SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest component
 
@@ -484,7 +486,7 @@ def segment(small: ByteImage) -> Segmentation:
             strict = best is hypotheses[1]
             hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
     chosen = max(hypotheses, key=lambda segmentation: segmentation.confidence)
-    peeled = peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline)
+    peeled = drop_soft_specks(peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline), lab)
     # The outline term of the confidence again, for the labels as they now are: a peeled shadow's own outline runs on
     # beyond the piece, and so do the texture edges a shadow brings out in cloth, which says nothing of the piece.
     around = ~cv2.dilate(chosen.foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -702,6 +704,31 @@ def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border
     precision = float(np.clip(1.0 - RIM_ERROR_PX / half_width, 0.0, 1.0))
     quality = stability**2 * clarity * framing * size * fragments * precision * outline_explained(foreground, edges)
     return float(np.clip(quality, 0.0, 1.0))
+
+
+def drop_soft_specks(foreground: BoolImage, lab: FloatImage) -> BoolImage:
+    """The labels without small loose parts whose rim is much softer than the piece's: a swell of light on cloth, a
+    speck of soft shadow with no outline of its own. A part smaller than LOOSE_SHARE of the largest is dropped when
+    the median steepness along its rim is under LOOSE_SOFTNESS of that along the largest's (a second stud or a
+    detached stone has a rim as crisp as the piece's)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return foreground
+    areas = stats[:, cv2.CC_STAT_AREA].copy()
+    areas[0] = 0
+    largest = int(np.argmax(areas))
+    small = areas < LOOSE_SHARE * areas[largest]
+    small[0] = False
+    if not small.any():
+        return foreground
+    # each part's rim: its own edge pixels and the backdrop pixels beside it
+    grown = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int32)
+    edge = foreground & (cv2.erode(foreground.astype(np.uint8), np.ones((3, 3), np.uint8)) == 0)
+    rims = np.where(edge, labels, np.where(foreground, 0, grown))
+    steepness = np.zeros(count)
+    steepness[1:] = ndimage.median(steepness_of(lab), rims, np.arange(1, count))
+    soft = small & (steepness < LOOSE_SOFTNESS * steepness[largest])
+    return as_bool(foreground & ~soft[labels])
 
 
 def outline_explained(foreground: BoolImage, edges: BoolImage, shade: BoolImage | None = None) -> float:

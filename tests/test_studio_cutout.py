@@ -443,6 +443,26 @@ def test_a_peeled_contact_shadow_does_not_lower_the_confidence(hanging: str) -> 
     assert cutout.confidence > 0.6
 
 
+def test_drop_soft_specks_drops_a_swell_of_light_and_keeps_a_detached_bead() -> None:
+    rng = np.random.default_rng(11)
+    size = 256
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    rgb = np.full((size, size, 3), 200.0, np.float32) + rng.normal(0, 1.5, (size, size, 1)).astype(np.float32)
+    pearl = (yy - 128) ** 2 + (xx - 100) ** 2 < 40**2
+    bead = (yy - 128) ** 2 + (xx - 190) ** 2 < 5**2  # small and loose, but with a crisp rim
+    swell = np.exp(-((yy - 60) ** 2 + (xx - 200) ** 2) / (2 * 4.0**2))  # a soft patch of light on the backdrop
+    rgb += 25 * swell[..., None]
+    rgb[pearl] = (235, 218, 212)
+    rgb[bead] = (90, 90, 95)
+    rgb_bytes = np.clip(rgb, 0, 255).round().astype(np.uint8)
+    lab = studio.to_lab(studio.as_bytes(cv2.GaussianBlur(rgb_bytes, (0, 0), 0.8)))
+    labels = pearl | bead | (swell > 0.5)
+
+    kept = studio.drop_soft_specks(labels, lab)
+
+    assert np.array_equal(kept, pearl | bead)
+
+
 @pytest.mark.parametrize("short_by", [4, 14])
 def test_close_outline_bridges_an_edge_that_stops_just_short_of_the_labels(short_by: int) -> None:
     # A face mirroring the backdrop between the labels (a block) and its outline edge, which leaves the labels at the
