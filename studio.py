@@ -62,7 +62,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, optimize
 from scipy.sparse import csr_matrix, diags
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 from scipy.sparse.linalg import cg
@@ -121,6 +121,18 @@ HOLE_SPIKE_RAYS = 5  # rays: one longer than the median of this many around it w
 HOLE_JUMP = 0.05  # share of the median ray: a step this large from one ray to the next ends one stretch of the edge...
 HOLE_JUMP_PX = 3.0  # ...and at least this many pixels (the rays' ends are whole pixels)
 HOLE_ELLIPSE_FIT = 1.5  # px: across such gaps the edge is the ellipse through the other rays' ends if they fit it
+BAND_HOLE_SHARE = 0.05  # a band's hole is at least this share of its outline (a pin hole between two pearls is not)
+BAND_FIT_PX = 1.5  # a band's outline (two rims' ellipses) restores its lost faces if it fits the labels this well...
+BAND_FIT_SHARE = 0.6  # ...over this share of their outline...
+BAND_INSIDE_WEIGHT = 0.5  # ...(the labels falling inside it, where a face mirrors the backdrop, count this much)...
+BAND_FACE_DEPTH = 3.0  # ...and what it adds beyond them is this deep somewhere (px at the segmentation size)...
+BAND_MAX_ADDED = 0.15  # ...and no more than this share of the labels
+BAND_SCOUT_STEPS = 10
+BAND_START_SHIFT = 0.02  # the fit starts with the far rim this share of the outline's size from the near one
+BAND_BOUNDS = (  # the far rim is at most 5 % smaller or larger than the near one (a band is short beside its distance
+    [-np.inf] * 7 + [0.95, 0.2],  # to the camera), and the inner edges are 20-99 % of the rims (the other parameters,
+    [np.inf] * 7 + [1.05, 0.99],  # centre, semi-axes, angle and shift, are free)
+)
 BRIDGE_GAP = 0.012  # in that round, outline edges stopping this short of the labels (share of the side) are joined
 PEEL_SHADOW_SHARE = 0.8  # a part of the labels beyond an outline edge is a contact shadow if this share is shadow...
 PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, beyond the backdrop's own variation...
@@ -487,6 +499,8 @@ def segment(small: ByteImage) -> Segmentation:
             hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
     chosen = max(hypotheses, key=lambda segmentation: segmentation.confidence)
     peeled = drop_soft_specks(peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline), lab)
+    if chosen is hypotheses[-1] and len(hypotheses) == 3:
+        peeled = band_outline(peeled)  # the completed cut of a mirror-polished piece: restore a band's lost faces
     # The outline term of the confidence again, for the labels as they now are: a peeled shadow's own outline runs on
     # beyond the piece, and so do the texture edges a shadow brings out in cloth, which says nothing of the piece.
     around = ~cv2.dilate(chosen.foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -840,6 +854,158 @@ def bridge_gaps(foreground: BoolImage, edges: BoolImage) -> BoolImage:
             nearest = int(np.argmin((wy + top - y) ** 2 + (wx + left - x) ** 2))
             cv2.line(joins, (int(x), int(y)), (int(wx[nearest] + left), int(wy[nearest] + top)), 1, 1)
     return as_bool(joins)
+
+
+def band_outline(labels: BoolImage) -> BoolImage:
+    """The labels with the faces of a band (a ring, a bangle) that mirror the backdrop restored from its outline.
+
+    A band seen at an angle is a short cylinder: its outline is the hull of two ellipses, its near and far rims, one
+    the other shifted and (in perspective) scaled a little, and the hole seen through it is where the two rims' inner
+    ellipses overlap. That shape is fitted to the labels' outer contour and to the contour of their largest hole
+    (`fit_band`), forgiving the outer contour for falling inside the outline (where a face mirrors the backdrop, the
+    labels stop short of it) more than for running outside it. If the outline fits at least BAND_FIT_SHARE of the
+    outer contour to within BAND_FIT_PX, the parts of it beyond the labels that reach BAND_FACE_DEPTH deep somewhere
+    (a face, not a rim's jitter) are added, up to BAND_MAX_ADDED of the labels. Labels whose largest hole is under
+    BAND_HOLE_SHARE of their outline are no band."""
+    contours, hierarchy = cv2.findContours(labels.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return labels
+    parents = [int(parent) for parent in hierarchy[0][:, 3]]
+    piece = max((i for i, parent in enumerate(parents) if parent < 0), key=lambda i: cv2.contourArea(contours[i]))
+    holes = [i for i, parent in enumerate(parents) if parent == piece]
+    if contours[piece].shape[0] < 40 or not holes:
+        return labels
+    hole = max(holes, key=lambda i: cv2.contourArea(contours[i]))
+    if cv2.contourArea(contours[hole]) < BAND_HOLE_SHARE * cv2.contourArea(contours[piece]):
+        return labels
+    outline, fits = fit_band(contours[piece][:, 0, :].astype(np.float64), contours[hole][:, 0, :].astype(np.float64))
+    if np.mean(np.abs(fits) <= BAND_FIT_PX) < BAND_FIT_SHARE:
+        return labels
+    model = np.zeros(labels.shape, np.uint8)
+    cv2.fillConvexPoly(model, cv2.convexHull(np.round(outline).astype(np.int32)), 1)
+    filled = np.zeros(labels.shape, np.uint8)
+    cv2.drawContours(filled, contours, piece, 1, -1)
+    beyond = (model > 0) & (filled == 0)
+    count, parts = cv2.connectedComponents(beyond.astype(np.uint8), connectivity=8)
+    deepest = np.zeros(count, np.float32)
+    np.maximum.at(deepest, parts.ravel(), cv2.distanceTransform(beyond.astype(np.uint8), cv2.DIST_L2, 3).ravel())
+    faces = deepest >= BAND_FACE_DEPTH
+    faces[0] = False
+    added = faces[parts]
+    if np.count_nonzero(added) > BAND_MAX_ADDED * np.count_nonzero(labels):
+        return labels
+    return as_bool(labels | added)
+
+
+def fit_band(
+    contour: npt.NDArray[np.float64], hole: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """A band fitted to its outer `contour` and its `hole`'s (points, N×2). Returns points on its two rims (whose
+    convex hull is its outline) and each contour point's signed distance from the outline (> 0 outside).
+
+    The band is an ellipse (centre, semi-axes, angle) for the near rim, the same ellipse shifted and scaled for the
+    far one, and both scaled about their centres by the band's inner-to-outer ratio for the rims' inner edges: nine
+    parameters. A convex shape's signed distance is max over directions u of (p·u − h(u)), h its support function
+    (c·u + k |diag(a, b) Rᵀu| for an ellipse); the outline's h is the larger of the rims', the hole's distance the
+    larger of the inner ellipses'. Least squares with a soft L1 loss, outer distances inside the outline weighted by
+    BAND_INSIDE_WEIGHT, the far rim's scale within BAND_BOUNDS, from the contour's own ellipse with the far rim
+    shifted a little in four directions half round (a shift and its opposite give the same band; with no shift the
+    two rims tie and the shift gets no gradient)."""
+    points = contour[:: max(1, contour.shape[0] // 400)]
+    inner = hole[:: max(1, hole.shape[0] // 300)]
+    angles = np.linspace(0, 2 * np.pi, 120, endpoint=False)
+    ux, uy = np.cos(angles), np.sin(angles)
+    directions = np.stack([ux, uy])
+    zero = np.zeros_like(ux)
+
+    def supports(params: npt.NDArray[np.float64]) -> list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+        """h(u) over the directions and its derivatives by the parameters, for the near rim, the far rim and their
+        inner edges."""
+        cx, cy, a, b, theta, tx, ty, scale, ratio = params
+        first = ux * math.cos(theta) + uy * math.sin(theta)  # u on the ellipse's axes
+        second = uy * math.cos(theta) - ux * math.sin(theta)
+        base = np.maximum(np.sqrt((a * first) ** 2 + (b * second) ** 2), 1e-9)
+        shape = np.stack([a * first**2 / base, b * second**2 / base, (a * a - b * b) * first * second / base])
+        near = cx * ux + cy * uy
+        far = (cx + tx) * ux + (cy + ty) * uy
+        return [
+            (near + base, np.vstack([ux, uy, shape, zero, zero, zero, zero])),
+            (far + scale * base, np.vstack([ux, uy, scale * shape, ux, uy, base, zero])),
+            (near + ratio * base, np.vstack([ux, uy, ratio * shape, zero, zero, zero, base])),
+            (
+                far + ratio * scale * base,
+                np.vstack([ux, uy, ratio * scale * shape, ux, uy, ratio * base, scale * base]),
+            ),
+        ]
+
+    def signed(
+        at: npt.NDArray[np.float64], shapes: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]], union: bool
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Signed distances of `at` from the hull of `shapes` (union) or their overlap, and their derivatives."""
+        if union:
+            further = shapes[1][0] > shapes[0][0]
+            h, grads = np.where(further, shapes[1][0], shapes[0][0]), np.where(further, shapes[1][1], shapes[0][1])
+            shapes = [(h, grads)]
+        found = []
+        for h, grads in shapes:
+            gaps = at @ directions - h
+            best = np.argmax(gaps, axis=1)
+            found.append((np.take_along_axis(gaps, best[:, None], axis=1)[:, 0], -grads[:, best].T))
+        if len(found) == 1:
+            return found[0]
+        deeper = found[1][0] > found[0][0]
+        return np.where(deeper, found[1][0], found[0][0]), np.where(deeper[:, None], found[1][1], found[0][1])
+
+    def evaluate(params: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        shapes = supports(params)
+        outer, outer_grads = signed(points, shapes[:2], union=True)
+        weight = np.where(outer > 0, 1.0, BAND_INSIDE_WEIGHT)
+        hole_distance, hole_grads = signed(inner, shapes[2:], union=False)
+        return (
+            np.concatenate([weight * outer, hole_distance]),
+            np.vstack([weight[:, None] * outer_grads, hole_grads]),
+        )
+
+    last: dict[bytes, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]] = {}
+
+    def cached(params: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """`evaluate`, once per parameters: the solver asks for the residuals and then the Jacobian at each step."""
+        key = params.tobytes()
+        if key not in last:
+            last.clear()
+            last[key] = evaluate(params)
+        return last[key]
+
+    (ex, ey), (width, height), degrees = cv2.fitEllipse(contour.astype(np.float32))
+    shift = BAND_START_SHIFT * max(width, height)
+    def solve(start: npt.NDArray[np.float64], steps: int) -> optimize.OptimizeResult:
+        return optimize.least_squares(
+            lambda params: cached(params)[0],
+            start,
+            jac=lambda params: cached(params)[1],
+            bounds=BAND_BOUNDS,
+            loss="soft_l1",
+            f_scale=1.0,
+            max_nfev=steps,
+        )
+
+    best_fit = None
+    for angle in np.linspace(0, np.pi, 4, endpoint=False):
+        sx, sy = shift * math.cos(angle), shift * math.sin(angle)
+        start = np.array([ex - sx / 2, ey - sy / 2, width / 2, height / 2, math.radians(degrees), sx, sy, 1.0, 0.8])
+        fit = solve(start, BAND_SCOUT_STEPS)
+        if best_fit is None or fit.cost < best_fit.cost:
+            best_fit = fit
+    assert best_fit is not None
+    best_fit = solve(best_fit.x, 100)
+    cx, cy, a, b, theta, tx, ty, scale, _ = best_fit.x
+    round_ = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    rims = []
+    for (ox, oy), k in (((cx, cy), 1.0), ((cx + tx, cy + ty), scale)):
+        x = ox + k * (a * np.cos(round_) * math.cos(theta) - b * np.sin(round_) * math.sin(theta))
+        y = oy + k * (a * np.cos(round_) * math.sin(theta) + b * np.sin(round_) * math.cos(theta))
+        rims.append(np.stack([x, y], axis=1))
+    return np.concatenate(rims), signed(points, supports(best_fit.x)[:2], union=True)[0]
 
 
 def complete_outline(foreground: BoolImage, outline: BoolImage) -> BoolImage:

@@ -348,6 +348,88 @@ def test_complete_outline_keeps_the_hole_behind_a_wide_gap_in_its_edge(gap: int,
     assert np.count_nonzero(completed & inner) < 0.01 * np.count_nonzero(inner), "hole filled"
 
 
+def band_seen_at_an_angle(shape: tuple[int, int] = (384, 384)) -> tuple[npt.NDArray, npt.NDArray]:
+    """A band whose far rim is its near rim shifted (and 3 % smaller): its outline is the hull of the two rims'
+    ellipses, its hole the overlap of their inner ellipses. Returns the band and its outline (hole included)."""
+    near, far = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    centre, shift = (190, 195), (24, 10)
+    cv2.ellipse(near, centre, (110, 140), 20, 0, 360, 1, -1)
+    cv2.ellipse(far, (centre[0] + shift[0], centre[1] + shift[1]), (107, 136), 20, 0, 360, 1, -1)
+    points = cv2.findNonZero(near | far)
+    outline = np.zeros(shape, np.uint8)
+    cv2.fillConvexPoly(outline, cv2.convexHull(points), 1)
+    inner_near, inner_far = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    cv2.ellipse(inner_near, centre, (85, 112), 20, 0, 360, 1, -1)
+    cv2.ellipse(inner_far, (centre[0] + shift[0], centre[1] + shift[1]), (82, 109), 20, 0, 360, 1, -1)
+    hole = (inner_near & inner_far).astype(bool)
+    return outline.astype(bool) & ~hole, outline.astype(bool)
+
+
+def band_missing_a_face(reach: int) -> tuple[npt.NDArray, npt.NDArray, npt.NDArray]:
+    """The band above, whose labels lack its outer face on the right, 8 px deep where widest and tapering off, over
+    `reach` rows either side of the middle (it mirrors the sweep, and its edge against it doesn't show). Returns the
+    band, the labels and the face."""
+    band, outline = band_seen_at_an_angle()
+    inset = cv2.erode(outline.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (17, 17))).astype(bool)
+    yy, xx = np.mgrid[0 : band.shape[0], 0 : band.shape[1]]
+    face = band & ~inset & (xx > 250) & (np.abs(yy - 200) < reach)
+    return band, band & ~face, face
+
+
+@pytest.mark.parametrize("reach", [40, 60, 80])
+def test_band_outline_restores_a_face_that_mirrors_the_backdrop(reach: int) -> None:
+    band, labels, face = band_missing_a_face(reach)
+    assert np.count_nonzero(face) > 600
+
+    restored = studio.band_outline(labels)
+
+    assert not np.any(labels & ~restored), "labels lost"
+    assert np.count_nonzero(restored & face) > 0.7 * np.count_nonzero(face), "face not restored"
+    assert np.count_nonzero(restored & ~band) < 0.01 * np.count_nonzero(band), "more than the band"
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        "whole band",
+        "band missing too much",
+        "two studs",
+        "open cuff",
+        "drop pendant",
+        "pearl pair",
+        "ring with a stone",
+    ],
+)
+def test_band_outline_leaves_what_it_cannot_explain(piece: str) -> None:
+    shape = (384, 384)
+    if piece == "whole band":  # nothing lost: nothing to add
+        labels = band_seen_at_an_angle(shape)[0]
+    elif piece == "band missing too much":  # a face over most of a side: the outline no longer fits enough to tell
+        labels = band_missing_a_face(110)[1]
+    elif piece == "two studs":
+        labels = np.zeros(shape, bool)
+        labels[cv2.circle(np.zeros(shape, np.uint8), (120, 190), 60, 1, -1) > 0] = True
+        labels[cv2.circle(np.zeros(shape, np.uint8), (270, 190), 60, 1, -1) > 0] = True
+    elif piece == "open cuff":  # the inside of a C is not a lost face
+        labels = ellipse_mask(shape, (150, 120), 60, 300) & ~ellipse_mask(shape, (120, 90))
+    elif piece == "pearl pair":  # a pearl and its smaller one, a pin hole between: no band explains that outline
+        pair = np.zeros(shape, np.uint8)
+        cv2.circle(pair, (210, 220), 95, 1, -1)
+        cv2.circle(pair, (110, 130), 55, 1, -1)
+        cv2.circle(pair, (150, 170), 6, 0, -1)
+        labels = pair.astype(bool)
+    elif piece == "ring with a stone":  # the stone stands out of the band's outline: what lies between is no face
+        ring = band_seen_at_an_angle(shape)[0].astype(np.uint8)
+        cv2.circle(ring, (300, 290), 50, 1, -1)
+        labels = ring.astype(bool)
+    else:  # a drop: a disc that runs to a point, not a band's outline
+        drop = np.zeros(shape, np.uint8)
+        cv2.circle(drop, (192, 240), 90, 1, -1)
+        cv2.fillConvexPoly(drop, np.array([[110, 200], [274, 200], [192, 40]], np.int32), 1)
+        labels = drop.astype(bool)
+    assert np.array_equal(studio.band_outline(labels), labels)
+
+
 @pytest.mark.parametrize("piece", ["open cuff", "two studs", "closed loop"])
 def test_complete_outline_leaves_regions_open_to_the_outside_and_enclosed_holes(piece: str) -> None:
     shape = (256, 256)
