@@ -59,12 +59,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import cv2
+import maxflow
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 from scipy import ndimage, optimize
 from scipy.sparse import csr_matrix, diags
-from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 from scipy.sparse.linalg import cg
 
 import images
@@ -1210,54 +1210,40 @@ def contrast_weights(lab: FloatImage) -> Pairwise:
 def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
     """Minimum cut: True where labelling foreground is cheaper. `unary` > 0 favours foreground.
 
-    Only pixels near anything that could be foreground enter the graph; the rest are background, and a graph pixel's
-    links to them become part of its cost of being foreground. The graph is built directly in CSR form: each pixel
-    row lists its up, left, right and down neighbours and the sink, in that (ascending) order; the source row lists
-    every pixel."""
+    Boykov-Kolmogorov max-flow (PyMaxflow) on the 4-connected pixel grid, capacities in integers. Only the box around
+    the pixels near anything that could be foreground enters the graph, and pixels in it that are not near any are
+    tied to the backdrop (their links to the rest become part of its cost of being foreground)."""
     h, w = unary.shape
     candidate = (unary > -GRAPH_MARGIN).astype(np.uint8)
-    active = cv2.dilate(candidate, np.ones((5, 5), np.uint8)).astype(bool)
-    n = int(np.count_nonzero(active))
-    if n == 0:
-        return np.zeros((h, w), bool)
-    index = np.full((h + 2, w + 2), -1, np.int64)  # padded: neighbours off the image are "inactive"
-    index[1:-1, 1:-1][active] = np.arange(n)
-    right = np.zeros((h, w), np.float32)
-    right[:, :-1] = pairwise.right
-    down = np.zeros((h, w), np.float32)
-    down[:-1] = pairwise.down
-    left = np.zeros((h, w), np.float32)
-    left[:, 1:] = pairwise.right
-    up = np.zeros((h, w), np.float32)
-    up[1:] = pairwise.down
-    neighbours = [index[:-2, 1:-1], index[1:-1, :-2], index[1:-1, 2:], index[2:, 1:-1]]  # up, left, right, down
-    weights = [up, left, right, down]
-    to_sink = np.maximum(-unary, 0)
-    for neighbour, weight in zip(neighbours, weights, strict=True):
-        to_sink = to_sink + np.where(neighbour < 0, weight, 0)  # a fixed background neighbour
-    source, sink = n, n + 1
-    columns = np.stack([nb[active] for nb in neighbours] + [np.full(n, sink)], axis=1)
-    capacities = np.stack([wt[active] for wt in weights] + [to_sink[active]], axis=1)
-    capacities = np.round(capacities * CAPACITY_SCALE).astype(np.int32)
-    valid = (columns >= 0) & (capacities > 0)
-    indptr = np.zeros(n + 3, np.int64)
-    indptr[1 : n + 1] = np.cumsum(valid.sum(1))
-    indptr[n + 1] = indptr[n] + n
-    indptr[n + 2] = indptr[n + 1]
-    to_source = np.round(np.maximum(unary[active], 0) * CAPACITY_SCALE).astype(np.int32)
-    indices = np.concatenate([columns[valid], np.arange(n)]).astype(np.int32)
-    data = np.concatenate([capacities[valid], to_source]).astype(np.int32)
-    graph = csr_matrix((data, indices, indptr), shape=(n + 2, n + 2))
-    flow = maximum_flow(graph, source, sink).flow
-    residual = (graph - flow).tocsr()
-    residual.data[residual.data < 0] = 0
-    residual.eliminate_zeros()
-    reached = breadth_first_order(residual, source, directed=True, return_predecessors=False)
-    labels = np.zeros(n + 2, bool)
-    labels[reached] = True
+    active = cv2.dilate(candidate, np.ones((5, 5), np.uint8))
     result = np.zeros((h, w), bool)
-    result[active] = labels[:n]
+    if not np.any(active):
+        return result
+    x, y, box_w, box_h = cv2.boundingRect(active)
+    top, left = max(0, y - 1), max(0, x - 1)  # a ring of tied pixels round the box, where the image goes on
+    box = np.s_[top : min(h, y + box_h + 1), left : min(w, x + box_w + 1)]
+    unary = unary[box]
+    rows, cols = unary.shape
+    index = np.arange(rows * cols, dtype=np.int32).reshape(rows, cols)
+    graph = maxflow.GraphInt(rows * cols, 2 * rows * cols)
+    graph.add_nodes(rows * cols)
+    for weights, here, there in (
+        (pairwise.right[box[0], left : left + cols - 1], index[:, :-1], index[:, 1:]),
+        (pairwise.down[top : top + rows - 1, box[1]], index[:-1], index[1:]),
+    ):
+        capacities = np.round(weights * CAPACITY_SCALE).astype(np.int32).ravel()
+        graph.add_edges(here.ravel(), there.ravel(), capacities, capacities)
+    to_source = np.round(np.maximum(unary, 0) * CAPACITY_SCALE).astype(np.int32)
+    to_sink = np.round(np.maximum(-unary, 0) * CAPACITY_SCALE).astype(np.int32)
+    tied = active[box] == 0
+    to_source[tied], to_sink[tied] = 0, TIED
+    graph.add_grid_tedges(index, to_source, to_sink)
+    graph.maxflow()
+    result[box] = ~graph.get_grid_segments(index)
     return result
+
+
+TIED = 1 << 30  # a capacity no cut pays
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -348,6 +348,43 @@ def test_complete_outline_keeps_the_hole_behind_a_wide_gap_in_its_edge(gap: int,
     assert np.count_nonzero(completed & inner) < 0.01 * np.count_nonzero(inner), "hole filled"
 
 
+def cut_energy(labels: npt.NDArray, unary: npt.NDArray, pairwise: studio.Pairwise) -> npt.NDArray:
+    """The energy a graph cut minimises, in its integer capacities, of labellings (..., H, W): the unary cost of each
+    pixel's label plus the weight of every pair of 4-neighbours labelled apart."""
+    scale = studio.CAPACITY_SCALE
+    fg_cost, bg_cost = np.round(np.maximum(-unary, 0) * scale), np.round(np.maximum(unary, 0) * scale)
+    total = np.where(labels, fg_cost, bg_cost).sum(axis=(-2, -1))
+    total += (np.round(pairwise.right * scale) * (labels[..., :, 1:] != labels[..., :, :-1])).sum(axis=(-2, -1))
+    total += (np.round(pairwise.down * scale) * (labels[..., 1:, :] != labels[..., :-1, :])).sum(axis=(-2, -1))
+    return total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_graph_cut_finds_the_least_energy_labelling(seed: int) -> None:
+    """Against every labelling of a small grid: the cut's energy is the least there is, with the pixels far from any
+    candidate for the piece held to the backdrop (here the rightmost columns: the graph is cropped to the rest)."""
+    rng = np.random.default_rng(seed)
+    shape = (3, 8)
+    unary = rng.normal(0, 40, shape).astype(np.float32)
+    unary[:, 2] = rng.uniform(50, 100, 3)  # the piece up to column 2, then backdrop, but only just: the
+    unary[:, 3:] = -studio.GRAPH_MARGIN - rng.uniform(0.5, 2, (3, 5)).astype(np.float32)  # smoothness would pull
+    # it all into the piece. The 5×5 dilation of the candidates reaches column 4; beyond, the backdrop is held.
+    pairwise = studio.Pairwise(
+        rng.uniform(0, 30, (3, 7)).astype(np.float32), rng.uniform(0, 30, (2, 8)).astype(np.float32)
+    )
+    free = np.zeros(shape, bool)
+    free[:, :5] = True
+    count = int(free.sum())
+    options = (np.arange(2**count)[:, None] >> np.arange(count)) & 1 > 0
+    every = np.zeros((options.shape[0], *shape), bool)
+    every[:, free] = options
+
+    labels = studio.graph_cut(unary, pairwise)
+
+    assert not np.any(labels & ~free), "a pixel far from every candidate was labelled the piece"
+    assert cut_energy(labels, unary, pairwise) == cut_energy(every, unary, pairwise).min()
+
+
 def band_seen_at_an_angle(shape: tuple[int, int] = (384, 384)) -> tuple[npt.NDArray, npt.NDArray]:
     """A band whose far rim is its near rim shifted (and 3 % smaller): its outline is the hull of the two rims'
     ellipses, its hole the overlap of their inner ellipses. Returns the band and its outline (hole included)."""
