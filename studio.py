@@ -286,9 +286,8 @@ def lit_field(lab: FloatImage, background: BoolImage) -> FloatImage:
 def polynomial_field(lab: FloatImage, background: BoolImage) -> FloatImage:
     """A quadratic surface per channel fitted to the background pixels: light falloff, a spot's bright centre."""
     h, w = background.shape
-    ys, xs = np.nonzero(background)
-    step = max(1, ys.size // 8000)
-    ys, xs = ys[::step], xs[::step]
+    at = np.flatnonzero(background)
+    ys, xs = np.divmod(at[:: max(1, at.size // 8000)], w)
 
     def design(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
@@ -405,9 +404,8 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
     f = field + np.array([16.0, 0, 0], np.float32)
     level = dot(v, f) / np.maximum(dot(f, f), 1e-6)
     across = (v - level[..., None] * f).astype(np.float32)
-    sample = across[reference]
-    if sample.shape[0] > 20000:
-        sample = sample[:: sample.shape[0] // 20000 + 1]
+    at = np.flatnonzero(reference)
+    sample = across.reshape(-1, 3)[at[:: at.size // 20000 + 1] if at.size > 20000 else at]
     precision = np.linalg.inv(np.cov(sample.T.astype(np.float64)) + np.eye(3) * CHROMA_NOISE_FLOOR**2)
     whiten = np.linalg.cholesky(precision).astype(np.float32)
     whitened = across @ whiten
@@ -416,7 +414,8 @@ def field_evidence(lab: FloatImage, field: FloatImage, reference: BoolImage) -> 
         # In shadow a coloured backdrop is lit by light it reflected itself: darker and more saturated. Fit lightness
         # and chroma scales separately; within the allowed boost the remaining departure is what counts.
         light = v[..., 0] * f[..., 0] / np.maximum(f[..., 0] * f[..., 0], 1e-6)
-        tone = dot(v[..., 1:], f[..., 1:]) / np.maximum(dot(f[..., 1:], f[..., 1:]), 1e-6)
+        a, b = f[..., 1], f[..., 2]
+        tone = (v[..., 1] * a + v[..., 2] * b) / np.maximum(a * a + b * b, 1e-6)
         tone = np.clip(tone, light, light * (1 + SHADOW_SATURATION * np.clip(1 - light, 0, 1) / (1 - SHADOW_MIN_SCALE)))
         boosted = (v - f * np.stack([light, tone, tone], axis=-1)) @ whiten
         chroma = np.where(light < 1, np.minimum(chroma, np.sqrt(dot(boosted, boosted))), chroma)
