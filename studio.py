@@ -55,6 +55,7 @@ import functools
 import io
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -489,7 +490,10 @@ def segment(small: ByteImage) -> Segmentation:
     first = learn(lab, background, None)
     if first is None:
         return Segmentation(np.zeros(lab.shape[:2], bool), lit_field(lab, background), 0.0)
-    hypotheses = [cut(lab, background, first, pairwise, outline, strict=strict) for strict in (False, True)]
+    with ThreadPoolExecutor(2) as pool:  # in two threads: numpy and OpenCV release the GIL for much of the work
+        hypotheses = list(
+            pool.map(lambda strict: cut(lab, background, first, pairwise, outline, strict=strict), (False, True))
+        )
     best = max(hypotheses, key=lambda segmentation: segmentation.confidence)
     if best.confidence < COMPLETE_BELOW:
         completed = complete_outline(best.foreground, outline)
