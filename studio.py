@@ -129,6 +129,7 @@ BAND_INSIDE_WEIGHT = 0.5  # ...(the labels falling inside it, where a face mirro
 BAND_FACE_DEPTH = 3.0  # ...and what it adds beyond them is this deep somewhere (px at the segmentation size)...
 BAND_MAX_ADDED = 0.15  # ...and no more than this share of the labels
 BAND_SCOUT_STEPS = 10
+BAND_PINHOLE_SHARE = 0.01  # a band's other holes under this share of its labels are where a face mirrors the backdrop
 BAND_START_SHIFT = 0.02  # the fit starts with the far rim this share of the outline's size from the near one
 BAND_BOUNDS = (  # the far rim is at most 5 % smaller or larger than the near one (a band is short beside its distance
     [-np.inf] * 7 + [0.95, 0.2],  # to the camera), and the inner edges are 20-99 % of the rims (the other parameters,
@@ -897,7 +898,11 @@ def band_outline(labels: BoolImage) -> BoolImage:
     added = faces[parts]
     if np.count_nonzero(added) > BAND_MAX_ADDED * np.count_nonzero(labels):
         return labels
-    return as_bool(labels | added)
+    pinholes = np.zeros(labels.shape, np.uint8)
+    for other in holes:
+        if other != hole and cv2.contourArea(contours[other]) < BAND_PINHOLE_SHARE * np.count_nonzero(labels):
+            cv2.drawContours(pinholes, contours, other, 1, -1)
+    return as_bool(labels | added | (pinholes > 0))
 
 
 def fit_band(

@@ -425,6 +425,20 @@ def test_band_outline_restores_a_face_that_mirrors_the_backdrop(reach: int) -> N
     assert np.count_nonzero(restored & ~band) < 0.01 * np.count_nonzero(band), "more than the band"
 
 
+def test_band_outline_fills_pinholes_where_the_band_mirrors_the_backdrop() -> None:
+    band, labels, _ = band_missing_a_face(60)
+    labels = labels.copy()
+    yy, xx = np.nonzero(cv2.erode(band.astype(np.uint8), np.ones((5, 5), np.uint8)))
+    picked = np.random.default_rng(3).choice(yy.size, 40, replace=False)
+    labels[yy[picked], xx[picked]] = False  # one-pixel holes in the body
+    labels[yy[picked[:10]] + 1, xx[picked[:10]]] = False  # some of two
+
+    restored = studio.band_outline(labels)
+
+    assert np.all(restored[yy[picked], xx[picked]]), "pinholes left in the band"
+    assert np.count_nonzero(restored & ~band) < 0.01 * np.count_nonzero(band), "the band's hole filled"
+
+
 @pytest.mark.parametrize(
     "piece",
     [
