@@ -15,15 +15,17 @@ cover the image border and to be smooth or stationary in texture (paper sweeps, 
    brightness above it (a highlight), or as a darkening too thin to be a shadow (a chain, a prong). Each departure is
    measured against the same departure on the backdrop itself (its 99.9th percentile), so wood grain or a weave
    raises its own bar. Darker with the backdrop's chroma is a shadow or grey metal: a weak vote only.
-3. Segmentation. A graph cut (max-flow) at no more than SEGMENT_SIDE_PX combines that evidence with colour mixtures
-   learnt from both sides and a contrast-sensitive smoothness term; three rounds re-fit the field and the mixtures.
+3. Segmentation. A graph cut (Boykov-Kolmogorov max-flow) at no more than SEGMENT_SIDE_PX combines that evidence
+   with colour mixtures learnt from both sides and a contrast-sensitive smoothness term; three rounds re-fit the
+   field and the mixtures.
    Components without a visible outline (a velvet fold, a swell of light) and specks are dropped; regions enclosed
    by the piece are kept as holes (a ring's inside, a chain loop) when wide and smooth like the backdrop, and filled
    when thin or busy (a clear stone's facets). A dim region with the backdrop's chroma is a shadow or grey metal
    alike, so the cut is made under two hypotheses (colour may say "piece" there, or only "backdrop") and the one
    whose result the image supports better (its confidence, below) is kept. When neither is sure (a band polished
    like a mirror, whose outline doesn't close), a third completes the better one's convex outline, keeping the
-   hole seen through it (found by casting rays from its middle to the edges around it).
+   hole seen through it (found by casting rays from its middle to the edges around it); if that one is kept, a
+   band's faces that still mirror the backdrop are restored from its outline (two rims' ellipses fitted to it).
 4. Matte and defringe. In a band around the labels' edge alpha solves I = aF + (1 - a)sB per pixel of the full image,
    with B the local backdrop colour, s its darkening where the piece shadows it (told from a mix by colour) and F the
    best of a few local piece colours; closed-form matting (in every 3×3 window alpha is an affine function of
