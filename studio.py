@@ -111,6 +111,7 @@ PIECE_MODEL_EVIDENCE = -1.0  # the piece's colour mixture learns from its labels
 SMOOTHNESS = 30.0  # nats per pair of 4-neighbours of equal colour; contrast lowers it
 CUT_ROUNDS = 3
 CAPACITY_SCALE = 64  # max-flow works on integers
+TIED = 1 << 30  # a capacity no cut pays: ties a pixel to the backdrop
 GRAPH_MARGIN = 3.0  # nats: pixels this sure of being backdrop, and not next to any less sure, stay out of the graph
 OUTLINE_QUANTILE = 0.99  # a steep edge is steeper than this share of the backdrop's gradients
 OUTLINE_SHARE = 0.2  # a component of the piece needs this share of its rim on steep edges
@@ -130,9 +131,9 @@ BAND_FIT_SHARE = 0.6  # ...over this share of their outline...
 BAND_INSIDE_WEIGHT = 0.5  # ...(the labels falling inside it, where a face mirrors the backdrop, count this much)...
 BAND_FACE_DEPTH = 3.0  # ...and what it adds beyond them is this deep somewhere (px at the segmentation size)...
 BAND_MAX_ADDED = 0.15  # ...and no more than this share of the labels
-BAND_SCOUT_STEPS = 10
 BAND_PINHOLE_SHARE = 0.01  # a band's other holes under this share of its labels are where a face mirrors the backdrop
 BAND_START_SHIFT = 0.02  # the fit starts with the far rim this share of the outline's size from the near one
+BAND_SCOUT_STEPS = 10  # each start gets this many solver steps, and the best of them is refined
 BAND_BOUNDS = (  # the far rim is at most 5 % smaller or larger than the near one (a band is short beside its distance
     [-np.inf] * 7 + [0.95, 0.2],  # to the camera), and the inner edges are 20-99 % of the rims (the other parameters,
     [np.inf] * 7 + [1.05, 0.99],  # centre, semi-axes, angle and shift, are free)
@@ -871,8 +872,9 @@ def band_outline(labels: BoolImage) -> BoolImage:
     (`fit_band`), forgiving the outer contour for falling inside the outline (where a face mirrors the backdrop, the
     labels stop short of it) more than for running outside it. If the outline fits at least BAND_FIT_SHARE of the
     outer contour to within BAND_FIT_PX, the parts of it beyond the labels that reach BAND_FACE_DEPTH deep somewhere
-    (a face, not a rim's jitter) are added, up to BAND_MAX_ADDED of the labels. Labels whose largest hole is under
-    BAND_HOLE_SHARE of their outline are no band."""
+    (a face, not a rim's jitter) are added, up to BAND_MAX_ADDED of the labels, and the labels' other holes under
+    BAND_PINHOLE_SHARE of them are filled (a plain band has one hole; pinholes are where a face mirrors the backdrop).
+    Labels whose largest hole is under BAND_HOLE_SHARE of their outline are no band."""
     contours, hierarchy = cv2.findContours(labels.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return labels
@@ -988,6 +990,7 @@ def fit_band(
 
     (ex, ey), (width, height), degrees = cv2.fitEllipse(contour.astype(np.float32))
     shift = BAND_START_SHIFT * max(width, height)
+
     def solve(start: npt.NDArray[np.float64], steps: int) -> optimize.OptimizeResult:
         return optimize.least_squares(
             lambda params: cached(params)[0],
@@ -1251,9 +1254,6 @@ def graph_cut(unary: FloatImage, pairwise: Pairwise) -> BoolImage:
     graph.maxflow()
     result[box] = ~graph.get_grid_segments(index)
     return result
-
-
-TIED = 1 << 30  # a capacity no cut pays
 
 
 # ---------------------------------------------------------------------------------------------------------------
