@@ -3,6 +3,7 @@ does it say it is, and how long does a 2048 px photo take?
 
     python bench/studio_quality.py                  the sample photos, then the 2048² timing
     python bench/studio_quality.py --synthetic      also a held-out set generated here (deterministic seeds)
+    python bench/studio_quality.py --framing        also the samples cropped and widened (the piece at other sizes)
     python bench/studio_quality.py --samples DIR    another folder of NAME_photo.jpg / NAME_alpha.png pairs
     python bench/studio_quality.py --synthetic --save-synthetic DIR   write the held-out set out as such pairs
 
@@ -506,12 +507,49 @@ def synthetic_cases(samples: list[Case]) -> Iterator[Case]:
         yield Case(name, composite(rng, bg, layer), alpha)
 
 
+FRAMINGS = (0.8, 0.9, 1.0, 1.1, 1.25)
+
+
+def reframe(case: Case, ratio: float) -> Case:
+    """The same photo framed tighter (ratio < 1: the border cropped off, the piece bigger in the frame) or looser
+    (ratio > 1: the backdrop's edge pixels carried outwards, the piece smaller). The segmentation always works at
+    one size, so this is the piece at another size there: a method tuned to the samples' framing shows it here."""
+    if ratio == 1.0:
+        return case
+    h, w = case.alpha.shape
+    if ratio < 1:
+        dy, dx = round(h * (1 - ratio) / 2), round(w * (1 - ratio) / 2)
+        return Case(case.name, case.rgb[dy : h - dy, dx : w - dx].copy(), case.alpha[dy : h - dy, dx : w - dx].copy())
+    dy, dx = round(h * (ratio - 1) / 2), round(w * (ratio - 1) / 2)
+    rgb = cv2.copyMakeBorder(case.rgb, dy, dy, dx, dx, cv2.BORDER_REPLICATE)
+    alpha = cv2.copyMakeBorder(case.alpha, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=0)
+    return Case(case.name, np.asarray(rgb, np.uint8), np.asarray(alpha, np.float32))
+
+
+def framing_report(cases: list[Case]) -> None:
+    """IoU of each photo at each of FRAMINGS, then the means per framing."""
+    print(f"\nframing: IoU with the photo cropped or widened ({', '.join(f'{r:g}x' for r in FRAMINGS)})")
+    print(f"  {'image':<48} " + " ".join(f"{r:>6g}x" for r in FRAMINGS))
+    table = []
+    for case in cases:
+        row = [score(reframe(case, ratio)).iou for ratio in FRAMINGS]
+        table.append(row)
+        print(f"  {case.name:<48} " + " ".join(f"{iou:7.3f}" for iou in row))
+    for label, plain in (("plain", True), ("textured", False)):
+        rows = [row for case, row in zip(cases, table, strict=True) if case.plain == plain]
+        if rows:
+            means = np.mean(rows, axis=0)
+            print(f"  {'mean ' + label:<48} " + " ".join(f"{m:7.3f}" for m in means))
+    print(f"  {'worst':<48} " + " ".join(f"{m:7.3f}" for m in np.min(table, axis=0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=Path, default=SAMPLES, help="folder of NAME_photo.jpg / NAME_alpha.png")
     parser.add_argument("--synthetic", action="store_true", help="also run the generated held-out set")
     parser.add_argument("--save-synthetic", type=Path, help="write the held-out set to this folder")
     parser.add_argument("--no-timing", action="store_true", help="skip the 2048² timing")
+    parser.add_argument("--framing", action="store_true", help="also the samples cropped and widened (FRAMINGS)")
     args = parser.parse_args()
 
     samples = load_pairs(args.samples)
@@ -520,6 +558,8 @@ def main() -> None:
     if not args.no_timing:
         time_large(samples)
     report(f"samples ({args.samples})", samples)
+    if args.framing:
+        framing_report(samples)
     if args.synthetic or args.save_synthetic:
         synthetic = list(synthetic_cases(load_pairs(SAMPLES)))
         if args.save_synthetic:
