@@ -512,8 +512,10 @@ FRAMINGS = (0.8, 0.9, 1.0, 1.1, 1.25)
 
 def reframe(case: Case, ratio: float) -> Case:
     """The same photo framed tighter (ratio < 1: the border cropped off, the piece bigger in the frame) or looser
-    (ratio > 1: the backdrop's edge pixels carried outwards, the piece smaller). The segmentation always works at
-    one size, so this is the piece at another size there: a method tuned to the samples' framing shows it here."""
+    (ratio > 1: the backdrop mirrored outwards from the photo's edge, the piece smaller). The segmentation always
+    works at one size, so this is the piece at another size there: a method tuned to the samples' framing shows it
+    here. Cropping is the cleaner test; the mirrored backdrop keeps its grain and noise (carrying the edge pixels out
+    would not) but not its light, which folds back at the seam."""
     if ratio == 1.0:
         return case
     h, w = case.alpha.shape
@@ -521,7 +523,7 @@ def reframe(case: Case, ratio: float) -> Case:
         dy, dx = round(h * (1 - ratio) / 2), round(w * (1 - ratio) / 2)
         return Case(case.name, case.rgb[dy : h - dy, dx : w - dx].copy(), case.alpha[dy : h - dy, dx : w - dx].copy())
     dy, dx = round(h * (ratio - 1) / 2), round(w * (ratio - 1) / 2)
-    rgb = cv2.copyMakeBorder(case.rgb, dy, dy, dx, dx, cv2.BORDER_REPLICATE)
+    rgb = cv2.copyMakeBorder(case.rgb, dy, dy, dx, dx, cv2.BORDER_REFLECT)
     alpha = cv2.copyMakeBorder(case.alpha, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=0)
     return Case(case.name, np.asarray(rgb, np.uint8), np.asarray(alpha, np.float32))
 
