@@ -126,11 +126,13 @@ HOLE_JUMP = 0.05  # share of the median ray: a step this large from one ray to t
 HOLE_JUMP_PX = 3.0  # ...and at least this many pixels (the rays' ends are whole pixels)
 HOLE_ELLIPSE_FIT = 1.5  # px: across such gaps the edge is the ellipse through the other rays' ends if they fit it
 BAND_HOLE_SHARE = 0.05  # a band's hole is at least this share of its outline (a pin hole between two pearls is not)
-BAND_FIT_PX = 1.5  # a band's outline (two rims' ellipses) restores its lost faces if it fits the labels this well...
-BAND_FIT_SHARE = 0.6  # ...over this share of their outline...
+BAND_TRIM_PX = 3.0  # the labels' outline further inside a band's than this is a lost face: refitted without it...
+BAND_PRESENT = 0.4  # ...and at least this share of the outline must be there...
+BAND_FIT_PX = 1.5  # ...and fit the band's outline (two rims' ellipses) this well...
+BAND_FIT_SHARE = 0.6  # ...over this share of it...
 BAND_INSIDE_WEIGHT = 0.5  # ...(the labels falling inside it, where a face mirrors the backdrop, count this much)...
 BAND_FACE_DEPTH = 3.0  # ...and what it adds beyond them is this deep somewhere (px at the segmentation size)...
-BAND_MAX_ADDED = 0.15  # ...and no more than this share of the labels
+BAND_MAX_ADDED = 0.25  # ...and no more than this share of the labels
 BAND_PINHOLE_SHARE = 0.01  # a band's other holes under this share of its labels are where a face mirrors the backdrop
 BAND_START_SHIFT = 0.02  # the fit starts with the far rim this share of the outline's size from the near one
 BAND_SCOUT_STEPS = 10  # each start gets this many solver steps, and the best of them is refined
@@ -870,9 +872,10 @@ def band_outline(labels: BoolImage) -> BoolImage:
     the other shifted and (in perspective) scaled a little, and the hole seen through it is where the two rims' inner
     ellipses overlap. That shape is fitted to the labels' outer contour and to the contour of their largest hole
     (`fit_band`), forgiving the outer contour for falling inside the outline (where a face mirrors the backdrop, the
-    labels stop short of it) more than for running outside it. If the outline fits at least BAND_FIT_SHARE of the
-    outer contour to within BAND_FIT_PX, the parts of it beyond the labels that reach BAND_FACE_DEPTH deep somewhere
-    (a face, not a rim's jitter) are added, up to BAND_MAX_ADDED of the labels, and the labels' other holes under
+    labels stop short of it) more than for running outside it. If at least BAND_PRESENT of the outer contour is no
+    more than BAND_TRIM_PX inside the outline, and BAND_FIT_SHARE of that part is within BAND_FIT_PX of it, the
+    parts of the outline beyond the labels that reach BAND_FACE_DEPTH deep somewhere (a face, not a rim's jitter) are
+    added, up to BAND_MAX_ADDED of the labels, and the labels' other holes under
     BAND_PINHOLE_SHARE of them are filled (a plain band has one hole; pinholes are where a face mirrors the backdrop).
     Labels whose largest hole is under BAND_HOLE_SHARE of their outline are no band."""
     contours, hierarchy = cv2.findContours(labels.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
@@ -887,7 +890,8 @@ def band_outline(labels: BoolImage) -> BoolImage:
     if cv2.contourArea(contours[hole]) < BAND_HOLE_SHARE * cv2.contourArea(contours[piece]):
         return labels
     outline, fits = fit_band(contours[piece][:, 0, :].astype(np.float64), contours[hole][:, 0, :].astype(np.float64))
-    if np.mean(np.abs(fits) <= BAND_FIT_PX) < BAND_FIT_SHARE:
+    present = fits > -BAND_TRIM_PX
+    if np.mean(present) < BAND_PRESENT or np.mean(np.abs(fits[present]) <= BAND_FIT_PX) < BAND_FIT_SHARE:
         return labels
     model = np.zeros(labels.shape, np.uint8)
     cv2.fillConvexPoly(model, cv2.convexHull(np.round(outline).astype(np.int32)), 1)
@@ -922,7 +926,8 @@ def fit_band(
     larger of the inner ellipses'. Least squares with a soft L1 loss, outer distances inside the outline weighted by
     BAND_INSIDE_WEIGHT, the far rim's scale within BAND_BOUNDS, from the contour's own ellipse with the far rim
     shifted a little in four directions half round (a shift and its opposite give the same band; with no shift the
-    two rims tie and the shift gets no gradient)."""
+    two rims tie and the shift gets no gradient); then once more without the contour points more than BAND_TRIM_PX
+    inside the outline (lost faces), which the soft loss still lets pull it inwards."""
     points = contour[:: max(1, contour.shape[0] // 400)]
     inner = hole[:: max(1, hole.shape[0] // 300)]
     angles = np.linspace(0, 2 * np.pi, 120, endpoint=False)
@@ -1011,6 +1016,13 @@ def fit_band(
             best_fit = fit
     assert best_fit is not None
     best_fit = solve(best_fit.x, 100)
+    # Refitted without the outline's stretches far inside the band (its lost faces), which only pulled it in.
+    kept = signed(points, supports(best_fit.x)[:2], union=True)[0] > -BAND_TRIM_PX
+    if 0 < np.count_nonzero(kept) < points.shape[0]:
+        every, points = points, points[kept]
+        last.clear()
+        best_fit = solve(best_fit.x, 100)
+        points = every
     cx, cy, a, b, theta, tx, ty, scale, _ = best_fit.x
     round_ = np.linspace(0, 2 * np.pi, 180, endpoint=False)
     rims = []
