@@ -973,9 +973,11 @@ def fit_band(
         deeper = found[1][0] > found[0][0]
         return np.where(deeper, found[1][0], found[0][0]), np.where(deeper[:, None], found[1][1], found[0][1])
 
-    def evaluate(params: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    def evaluate(
+        params: npt.NDArray[np.float64], outline_points: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         shapes = supports(params)
-        outer, outer_grads = signed(points, shapes[:2], union=True)
+        outer, outer_grads = signed(outline_points, shapes[:2], union=True)
         weight = np.where(outer > 0, 1.0, BAND_INSIDE_WEIGHT)
         hole_distance, hole_grads = signed(inner, shapes[2:], union=False)
         return (
@@ -983,20 +985,22 @@ def fit_band(
             np.vstack([weight[:, None] * outer_grads, hole_grads]),
         )
 
-    last: dict[bytes, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]] = {}
-
-    def cached(params: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """`evaluate`, once per parameters: the solver asks for the residuals and then the Jacobian at each step."""
-        key = params.tobytes()
-        if key not in last:
-            last.clear()
-            last[key] = evaluate(params)
-        return last[key]
-
     (ex, ey), (width, height), degrees = cv2.fitEllipse(contour.astype(np.float32))
     shift = BAND_START_SHIFT * max(width, height)
 
-    def solve(start: npt.NDArray[np.float64], steps: int) -> optimize.OptimizeResult:
+    def solve(
+        start: npt.NDArray[np.float64], steps: int, outline_points: npt.NDArray[np.float64] = points
+    ) -> optimize.OptimizeResult:
+        last: dict[bytes, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]] = {}
+
+        def cached(params: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+            """`evaluate` once per parameters: the solver asks for the residuals, then the Jacobian, at each."""
+            key = params.tobytes()
+            if key not in last:
+                last.clear()
+                last[key] = evaluate(params, outline_points)
+            return last[key]
+
         return optimize.least_squares(
             lambda params: cached(params)[0],
             start,
@@ -1019,10 +1023,7 @@ def fit_band(
     # Refitted without the outline's stretches far inside the band (its lost faces), which only pulled it in.
     kept = signed(points, supports(best_fit.x)[:2], union=True)[0] > -BAND_TRIM_PX
     if 0 < np.count_nonzero(kept) < points.shape[0]:
-        every, points = points, points[kept]
-        last.clear()
-        best_fit = solve(best_fit.x, 100)
-        points = every
+        best_fit = solve(best_fit.x, 100, points[kept])
     cx, cy, a, b, theta, tx, ty, scale, _ = best_fit.x
     round_ = np.linspace(0, 2 * np.pi, 180, endpoint=False)
     rims = []
