@@ -509,21 +509,29 @@ def segment(small: ByteImage) -> Segmentation:
             strict = best is hypotheses[1]
             hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
     chosen = max(hypotheses, key=lambda segmentation: segmentation.confidence)
-    peeled = drop_soft_specks(peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline), lab)
+    darker = shaded(lab, chosen.foreground, chosen.backdrop_lab)
+    peeled = drop_soft_specks(peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline, darker), lab)
     if chosen is hypotheses[-1] and len(hypotheses) == 3:
         peeled = band_outline(peeled)  # the completed cut of a mirror-polished piece: restore a band's lost faces
     # The outline term of the confidence again, for the labels as they now are: a peeled shadow's own outline runs on
     # beyond the piece, and so do the texture edges a shadow brings out in cloth, which says nothing of the piece.
-    around = ~cv2.dilate(chosen.foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    darker = field_evidence(lab, chosen.backdrop_lab, around)[2]
     shade = cv2.dilate(darker.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     was = outline_explained(chosen.foreground, outline)
     confidence = float(np.clip(chosen.confidence * outline_explained(peeled, outline, shade) / was, 0.0, 1.0))
     return Segmentation(peeled, chosen.backdrop_lab, confidence)
 
 
-def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatImage, outline: BoolImage) -> BoolImage:
-    """The labels without the contact shadows they took in beyond the piece's own outline.
+def shaded(lab: FloatImage, foreground: BoolImage, field: FloatImage) -> BoolImage:
+    """Which pixels are darker than the lit backdrop, however deep, judged on the backdrop away from the labels."""
+    around = ~cv2.dilate(foreground.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return field_evidence(lab, field, around)[2]
+
+
+def peel_contact_shadows(
+    lab: FloatImage, foreground: BoolImage, field: FloatImage, outline: BoolImage, darker: BoolImage | None = None
+) -> BoolImage:
+    """The labels without the contact shadows they took in beyond the piece's own outline. `darker` is which pixels
+    are darker than the lit backdrop, judged on the backdrop away from the labels (`shaded`); worked out if not given.
 
     Right under a pearl or a bead the shadow is deep, thin and nearly the backdrop's colour: the field evidence
     takes it for a thin dark part of the piece (a chain looks the same per pixel). But the piece's silhouette runs
@@ -557,7 +565,7 @@ def peel_contact_shadows(lab: FloatImage, foreground: BoolImage, field: FloatIma
     background = ~near(foreground, 5)
     light = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
     tint = length(lab[..., 1:] - field[..., 1:] * light[..., None])
-    shadow = field_evidence(lab, field, background)[2]  # however deep: right at the contact no light gets in
+    shadow = shaded(lab, foreground, field) if darker is None else darker  # however deep: at the contact no light
     shadow_share = np.bincount(labels[parts], weights=shadow[parts], minlength=count) / np.maximum(area, 1)
     own_tint = float(np.quantile(tint[background], BACKDROP_QUANTILE)) if background.any() else 0.0
     candidates = np.flatnonzero((shadow_share > PEEL_SHADOW_SHARE) & (largest_neighbour > area))
