@@ -565,7 +565,8 @@ def peel_contact_shadows(
     background = ~near(foreground, 5)
     light = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
     tint = length(lab[..., 1:] - field[..., 1:] * light[..., None])
-    shadow = shaded(lab, foreground, field) if darker is None else darker  # however deep: at the contact no light
+    # however deep: right at the contact no light gets in
+    shadow = shaded(lab, foreground, field) if darker is None else darker
     shadow_share = np.bincount(labels[parts], weights=shadow[parts], minlength=count) / np.maximum(area, 1)
     own_tint = float(np.quantile(tint[background], BACKDROP_QUANTILE)) if background.any() else 0.0
     candidates = np.flatnonzero((shadow_share > PEEL_SHADOW_SHARE) & (largest_neighbour > area))
