@@ -81,7 +81,8 @@ BoolImage = npt.NDArray[np.bool_]
 # Sizes
 SEGMENT_SIDE_PX = 512  # the segmentation runs at no more than this (longer side)
 MATTE_SIDE_PX = 1024  # backdrop and piece colours for the matte are estimated at no more than this
-BORDER_SHARE = 0.03  # the band along the image border taken as backdrop to start from
+BORDER_SHARE = 0.03  # the band along the image border taken as backdrop to start from...
+BORDER_SIDE_RATIO = 2.0  # ...but a side departing this many times more than the others has a piece in it
 MIN_PIECE_PX = 10  # at the segmentation size; fewer and the photo is taken to show no piece
 
 # Backdrop field and evidence (nats are natural-log likelihood ratios; > 0 favours the piece)
@@ -384,12 +385,49 @@ def to_lab(rgb: ByteImage) -> FloatImage:
     return as_float(cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB))
 
 
-def border_band(shape: tuple[int, int]) -> BoolImage:
+def border_sides(shape: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """The four sides of the band along the image border (top, bottom, left, right; they share the corners)."""
     h, w = shape
     b = max(2, round(BORDER_SHARE * min(h, w)))
+    return [
+        (slice(0, b), slice(None)),
+        (slice(h - b, h), slice(None)),
+        (slice(None), slice(0, b)),
+        (slice(None), slice(w - b, w)),
+    ]
+
+
+def border_band(shape: tuple[int, int]) -> BoolImage:
     band = np.zeros(shape, bool)
-    band[:b], band[-b:], band[:, :b], band[:, -b:] = True, True, True, True
+    for side in border_sides(shape):
+        band[side] = True
     return band
+
+
+def backdrop_border(lab: FloatImage) -> tuple[BoolImage, FloatImage]:
+    """The border band as the first sample of the backdrop, without the sides of it that a piece runs through, and
+    the coarse backdrop field fitted to it.
+
+    Every threshold of the first guess is calibrated on this sample at its BACKDROP_QUANTILE, so a chain running
+    through one side of the band (a necklace spread to the edge of the frame) lifts them all, and a faint piece is
+    then lost from the first cut on. A side whose departures from the band's field reach more than BORDER_SIDE_RATIO
+    times the median of the other sides' (and than that times EDGE_STEP: below it they are noise however they compare)
+    is left out, while what is left is most of the band."""
+    border = border_band(lab.shape[:2])
+    field = backdrop_field(lab, border, finest=1 / 8)
+    departure = length(lab - field)
+    sides = border_sides(lab.shape[:2])
+    tails = np.array([np.quantile(departure[side], BACKDROP_QUANTILE) for side in sides])
+    usual = [max(float(np.median(np.delete(tails, i))), EDGE_STEP) for i in range(len(sides))]
+    clean = [side for side, tail, others in zip(sides, tails, usual, strict=True) if tail <= BORDER_SIDE_RATIO * others]
+    if len(clean) == len(sides):
+        return border, field
+    kept = np.zeros_like(border)
+    for side in clean:
+        kept[side] = True
+    if np.count_nonzero(kept) <= 0.5 * np.count_nonzero(border):
+        return border, field
+    return kept, backdrop_field(lab, kept, finest=1 / 8)
 
 
 def robust_spread(values: npt.NDArray[np.float32], floor: float) -> tuple[float, float]:
@@ -487,12 +525,11 @@ def segment(small: ByteImage) -> Segmentation:
     outline completed and the hole seen through it kept (`complete_outline`), given one more round to settle.
     """
     lab = to_lab(as_bytes(cv2.GaussianBlur(small, (0, 0), 0.8)))
-    border = border_band(lab.shape[:2])
+    border, field = backdrop_border(lab)
     pairwise = contrast_weights(lab)
     outline = outline_edges(lab, border)
     # First guess: what departs from a coarse field predicted from the border alone, kept only where it has a
     # visible outline (a fold in velvet or a swell of light departs too, but softly).
-    field = backdrop_field(lab, border, finest=1 / 8)
     seeds = outlined(field_evidence(lab, field, border)[0] > SEED_EVIDENCE, steep_edges(lab, border))
     background = ~cv2.dilate(seeds.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     first = learn(lab, background, None)
