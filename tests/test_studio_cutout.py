@@ -193,8 +193,13 @@ def photograph(
     return cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), darkening
 
 
-def gold_chain_loop(size: int = 512) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """A fine gold chain of oval links (alternately face-on and edge-on) closed around an ellipse."""
+def gold_chain_loop(
+    size: int = 512,
+    metal: tuple[float, float, float] = (225.0, 175.0, 80.0),
+    shading: tuple[float, float] = (0.75, 0.35),
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """A fine gold chain of oval links (alternately face-on and edge-on) closed around an ellipse; its colour is
+    `metal` times shading[0] at the bottom up to shading[0] + shading[1] at the top."""
     big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
     centre, radii, links = size * SUPERSAMPLE / 2, (size * SUPERSAMPLE * 0.3, size * SUPERSAMPLE * 0.22), 90
     for k in range(links):
@@ -205,25 +210,8 @@ def gold_chain_loop(size: int = 512) -> tuple[npt.NDArray[np.uint8], npt.NDArray
         cv2.ellipse(big, (round(x), round(y)), axes, angle, 0, 360, 255, 2 * SUPERSAMPLE, cv2.LINE_AA)
     alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
     yy = np.mgrid[0:size, 0:size][0].astype(np.float32) / size
-    gold = np.array([225.0, 175.0, 80.0], np.float32) * (0.75 + 0.35 * (1 - yy))[..., None]
+    gold = np.array(metal, np.float32) * (shading[0] + shading[1] * (1 - yy))[..., None]
     return photograph(gold, alpha, seed=1, shadow=(4, 6, 3.0, 0.35))[0], alpha
-
-
-def pale_chain_loop(size: int = 512) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """A fine chain of pale gold, close to the sweep's colour, closed around an ellipse (the links as in
-    `gold_chain_loop`)."""
-    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
-    centre, radii, links = size * SUPERSAMPLE / 2, (size * SUPERSAMPLE * 0.3, size * SUPERSAMPLE * 0.22), 90
-    for k in range(links):
-        t = 2 * np.pi * k / links
-        x, y = centre + radii[0] * np.cos(t), centre + radii[1] * np.sin(t)
-        angle = float(np.degrees(np.arctan2(radii[1] * np.cos(t), -radii[0] * np.sin(t))))
-        axes = (8 * SUPERSAMPLE, (5 if k % 2 else 3) * SUPERSAMPLE)
-        cv2.ellipse(big, (round(x), round(y)), axes, angle, 0, 360, 255, 2 * SUPERSAMPLE, cv2.LINE_AA)
-    alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
-    yy = np.mgrid[0:size, 0:size][0].astype(np.float32) / size
-    pale = np.array([205.0, 180.0, 120.0], np.float32) * (0.85 + 0.2 * (1 - yy))[..., None]
-    return photograph(pale, alpha, seed=1, shadow=(4, 6, 3.0, 0.35))[0], alpha
 
 
 def clear_faceted_stone(size: int = 512) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
@@ -286,7 +274,7 @@ def test_a_faint_chain_running_through_the_border_band_is_kept() -> None:
     # Framed so that the loop's right side runs through the band along the image border that the backdrop is first
     # learnt from (the photo ends 10 px beyond the chain). Taken as backdrop, those links would lift every threshold
     # of the first guess, and a chain this close to the sweep's colour was then lost whole (0 % of its links).
-    rgb, truth = pale_chain_loop()
+    rgb, truth = gold_chain_loop(metal=(205.0, 180.0, 120.0), shading=(0.85, 0.2))  # pale, near the sweep's colour
     right = int(np.nonzero(truth.max(axis=0) > 0.5)[0].max()) + 10
     alpha = alpha_of(cut_out(np.ascontiguousarray(rgb[:, :right])))
     chain = truth[:, :right] > 0.5
