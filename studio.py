@@ -118,7 +118,8 @@ OUTLINE_QUANTILE = 0.99  # a steep edge is steeper than this share of the backdr
 OUTLINE_SHARE = 0.2  # a component of the piece needs this share of its rim on steep edges
 OUTLINE_REACH = 0.04  # edges this far (share of the image side) from the piece may close its outline
 HOLE_MIN_RADIUS = 0.025  # enclosed regions narrower than this share of the image side are part of the piece...
-HOLE_MAX_BUSY = 0.1  # ...and so are those with more steep pixels than this share
+HOLE_MAX_BUSY = 0.1  # ...and so are those with more steep pixels than this share in their core...
+HOLE_CORE = 0.3  # ...the pixels further from their rim than this share of the deepest's distance
 COMPLETE_BELOW = 0.5  # a cut less sure than this is tried once more with its convex outline completed...
 HOLE_OPEN_SHARE = 0.25  # ...where a wide region inside it is a hole seen through: rays from its middle end on edges
 HOLE_RAYS = 360
@@ -882,9 +883,11 @@ def close_outline(
     depth = cv2.distanceTransform((~closed).astype(np.uint8), cv2.DIST_L2, 3)
     widest = np.zeros(count, np.float32)
     np.maximum.at(widest, labels.ravel(), depth.ravel())
-    inner = depth > 2.0  # the enclosing edges bleed a pixel or two into the region
-    size = np.bincount(labels[inner], minlength=count).astype(np.float64)
-    busy = np.bincount(labels[inner], weights=steep[inner], minlength=count) / np.maximum(size, 1)
+    # Busy is judged in the region's core: the enclosing edges bleed a pixel or two into it, and along its rim run
+    # the piece's own contact shadow and reflections, while a stone's facets cross it through.
+    core = depth > np.maximum(2.0, HOLE_CORE * widest[labels])
+    size = np.bincount(labels[core], minlength=count).astype(np.float64)
+    busy = np.bincount(labels[core], weights=steep[core], minlength=count) / np.maximum(size, 1)
     fill = ~outside & ((widest < HOLE_MIN_RADIUS * side) | (busy > HOLE_MAX_BUSY))
     fill[0] = False
     filled = fill[labels] & ~closed

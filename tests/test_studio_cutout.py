@@ -661,6 +661,27 @@ def test_close_outline_bridges_an_edge_that_stops_just_short_of_the_labels(short
     assert not np.any(labels & ~bridged)
 
 
+def test_close_outline_judges_a_hole_busy_by_its_core_not_its_rim() -> None:
+    # A ring's hole with steep pixels only along its rim (its own drop shadow's edge, on a clean card) is seen
+    # through; a stone's rim crossed by facet edges (a table and its spokes) is filled.
+    yy, xx = np.mgrid[0:512, 0:512]
+    ring_r = np.hypot(yy - 200, xx - 180)
+    labels = (ring_r >= 40) & (ring_r < 46)
+    shadow_edge = (ring_r >= 32) & (ring_r < 37) & (yy > 200)
+    stone_r = np.hypot(yy - 380, xx - 360)
+    labels |= (stone_r >= 20) & (stone_r < 24)
+    facets = (np.abs(stone_r - 11) < 1) | ((stone_r < 20) & (np.abs(np.sin(5 * np.arctan2(yy - 380, xx - 360))) < 0.1))
+    steep = shadow_edge | facets
+    hole, stone = ring_r < 40, stone_r < 20
+    inner = hole & (cv2.distanceTransform((~labels).astype(np.uint8), cv2.DIST_L2, 3) > 2)
+    assert np.count_nonzero(steep & inner) > studio.HOLE_MAX_BUSY * np.count_nonzero(inner), "busy by the old count"
+
+    closed = studio.close_outline(labels, steep, None)
+
+    assert not np.any(closed & hole & ~shadow_edge), "the hole is seen through"
+    assert np.all(closed[stone]), "the stone is filled"
+
+
 @pytest.mark.parametrize(
     "shapes", [((0, 3), (0, 3)), ((1, 3), (1, 3)), ((7, 5, 3), (7, 5, 3)), ((40000, 3), (40000, 3)), ((6, 3), (3,))]
 )
