@@ -517,7 +517,7 @@ def reframe(case: Case, ratio: float) -> Case:
     (ratio > 1: the backdrop mirrored outwards from the photo's edge, the piece smaller). The segmentation always
     works at one size, so this is the piece at another size there: a method tuned to the samples' framing shows it
     here. Cropping is the cleaner test; the mirrored backdrop keeps its grain and noise (carrying the edge pixels out
-    would not) but not its light, which folds back at the seam."""
+    would not) but not its light, which folds back at the seam, and a piece near an edge is mirrored with it."""
     if ratio == 1.0:
         return case
     h, w = case.alpha.shape
@@ -526,7 +526,9 @@ def reframe(case: Case, ratio: float) -> Case:
         return Case(case.name, case.rgb[dy : h - dy, dx : w - dx].copy(), case.alpha[dy : h - dy, dx : w - dx].copy())
     dy, dx = round(h * (ratio - 1) / 2), round(w * (ratio - 1) / 2)
     rgb = cv2.copyMakeBorder(case.rgb, dy, dy, dx, dx, cv2.BORDER_REFLECT)
-    alpha = cv2.copyMakeBorder(case.alpha, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=0)
+    # what of the piece lies within the margin's width of an edge is mirrored with the backdrop: it is in the
+    # photo, so it is in the truth too
+    alpha = cv2.copyMakeBorder(case.alpha, dy, dy, dx, dx, cv2.BORDER_REFLECT)
     return Case(case.name, np.asarray(rgb, np.uint8), np.asarray(alpha, np.float32))
 
 
