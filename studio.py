@@ -553,6 +553,10 @@ def segment(small: ByteImage) -> Segmentation:
         peeled = band_outline(peeled)  # the completed cut of a mirror-polished piece: restore a band's lost faces
     # The outline term of the confidence again, for the labels as they now are: a peeled shadow's own outline runs on
     # beyond the piece, and so do the texture edges a shadow brings out in cloth, which says nothing of the piece.
+    # Only when a shadow was peeled: otherwise the edges in shade (darker veins in marble, folds in cloth) are as
+    # much the backdrop's as any, and the cut's own confidence stands.
+    if not np.any(chosen.foreground & ~peeled):
+        return Segmentation(peeled, chosen.backdrop_lab, chosen.confidence)
     shade = cv2.dilate(darker.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     was = outline_explained(chosen.foreground, outline)
     confidence = float(np.clip(chosen.confidence * outline_explained(peeled, outline, shade) / was, 0.0, 1.0))
@@ -1246,10 +1250,13 @@ def leaked_rays(reach: npt.NDArray[np.float64]) -> BoolImage:
 
 
 def outlined(candidates: BoolImage, steep: BoolImage) -> BoolImage:
-    """The candidate regions whose outline is an edge: at least a share of their boundary is steep."""
+    """The candidate regions whose outline is an edge: at least a share of their boundary is steep, or next to a
+    steep pixel (a coloured piece's chroma bleeds a pixel or two past its edge in a JPEG, and where the backdrop has
+    sharp lines of its own the bar for steep is too high for that blurred fringe)."""
     grown = cv2.dilate(candidates.astype(np.uint8), np.ones((3, 3), np.uint8))
     count, labels = cv2.connectedComponents(grown, connectivity=8)
     rim = (cv2.morphologyEx(grown, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0) & (labels > 0)
+    steep = as_bool(cv2.dilate(steep.astype(np.uint8), np.ones((3, 3), np.uint8)))
     rim_total = np.bincount(labels[rim], minlength=count)
     rim_steep = np.bincount(labels[rim], weights=steep[rim], minlength=count)
     keep = rim_steep >= OUTLINE_SHARE * np.maximum(rim_total, 1)
