@@ -157,6 +157,7 @@ SPECK_RELATIVE = 0.002  # ...and those smaller than this share of the largest co
 # Confidence
 EDGE_SIGMA = 1.5  # px at the segmentation size: smoothing before outline edges are traced (noise makes none)
 EDGE_STEP = 2.0  # Lab units: the least step in colour that counts as an outline edge, however clean the backdrop
+PLAUSIBLE_AREA = 0.85  # labels over this share of the frame are the backdrop taken for the piece (not a close-up)
 RIM_ERROR_PX = 1.0  # px at the segmentation size: how far the labels' edge typically sits from the true outline
 UNEXPLAINED_WEIGHT = 2.0  # confidence falls by 1/e per half a rim length of outline edges left outside the cut
 CANNY_HIGH = 100.0  # Canny's high threshold on the rescaled derivatives (the low one, for hysteresis, is half)
@@ -769,7 +770,7 @@ def assess(foreground: BoolImage, previous: BoolImage, unary: FloatImage, border
     clarity = int(np.count_nonzero(agrees & ring)) / max(1, int(np.count_nonzero(ring)))
     touching = int(np.count_nonzero(foreground & border)) / max(1, int(np.count_nonzero(border)))
     framing = float(np.clip(1.0 - 8.0 * touching, 0.0, 1.0))
-    size = float(np.clip((area - 2e-4) / 1e-3, 0, 1) * np.clip((0.6 - area) / 0.25, 0, 1))
+    size = float(np.clip((area - 2e-4) / 1e-3, 0, 1) * np.clip((PLAUSIBLE_AREA - area) / 0.25, 0, 1))
     stats = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=8)[2]
     areas = stats[1:, cv2.CC_STAT_AREA]
     dust = float(areas[areas < 0.01 * areas.sum()].sum() / max(1, areas.sum()))
