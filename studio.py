@@ -549,14 +549,15 @@ def segment(small: ByteImage) -> Segmentation:
             hypotheses.append(cut(lab, background, first, pairwise, outline, strict=strict, start=completed))
     chosen = max(hypotheses, key=lambda segmentation: segmentation.confidence)
     darker = shaded(lab, chosen.foreground, chosen.backdrop_lab)
-    peeled = drop_soft_specks(peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline, darker), lab)
+    shadowless = peel_contact_shadows(lab, chosen.foreground, chosen.backdrop_lab, outline, darker)
+    peeled = drop_soft_specks(shadowless, lab)
     if chosen is hypotheses[-1] and len(hypotheses) == 3:
         peeled = band_outline(peeled)  # the completed cut of a mirror-polished piece: restore a band's lost faces
     # The outline term of the confidence again, for the labels as they now are: a peeled shadow's own outline runs on
     # beyond the piece, and so do the texture edges a shadow brings out in cloth, which says nothing of the piece.
-    # Only when a shadow was peeled: otherwise the edges in shade (darker veins in marble, folds in cloth) are as
-    # much the backdrop's as any, and the cut's own confidence stands.
-    if not np.any(chosen.foreground & ~peeled):
+    # Only when a shadow was peeled (a speck or a stray pixel is none): otherwise the edges in shade (darker veins in
+    # marble, folds in cloth) are as much the backdrop's as any, and the cut's own confidence stands.
+    if np.count_nonzero(chosen.foreground & ~shadowless) < MIN_PIECE_PX:
         return Segmentation(peeled, chosen.backdrop_lab, chosen.confidence)
     shade = cv2.dilate(darker.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     was = outline_explained(chosen.foreground, outline)

@@ -363,10 +363,19 @@ def test_a_piece_on_a_backdrop_with_fine_sharp_lines_is_found(depth: float) -> N
     assert iou_of(cut_out(rgb), truth) > 0.95
 
 
-def test_the_confidence_is_the_cuts_own_when_no_shadow_is_peeled(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Edges in shade are excused from the confidence only for what a peeled shadow brings; with nothing peeled, the
-    # veins touching the disc run on beyond it like any other edge, and the better cut's confidence stands.
+def without_a_pixel(foreground: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    less = foreground.copy()
+    less.flat[np.flatnonzero(less)[0]] = False
+    return less
+
+
+@pytest.mark.parametrize("peel", ["nothing", "a stray pixel"])
+def test_the_confidence_is_the_cuts_own_when_no_shadow_is_peeled(monkeypatch: pytest.MonkeyPatch, peel: str) -> None:
+    # Edges in shade are excused from the confidence only for what a peeled shadow brings; with nothing peeled (or a
+    # stray pixel, which is no shadow), the veins touching the disc run on beyond it like any other edge, and the
+    # better cut's confidence stands. Here every edge running on is in shade: excusing them would double it.
     rgb, _ = enamel_disc_on_fine_veins(0.3)
+    monkeypatch.setattr(studio, "outline_explained", lambda labels, edges, shade=None: 0.5 if shade is None else 1.0)
     confidences: list[float] = []
     cut = studio.cut
 
@@ -376,7 +385,8 @@ def test_the_confidence_is_the_cuts_own_when_no_shadow_is_peeled(monkeypatch: py
         return segmentation
 
     monkeypatch.setattr(studio, "cut", recording_cut)
-    monkeypatch.setattr(studio, "peel_contact_shadows", lambda lab, foreground, *rest: foreground)
+    peeled = (lambda foreground: foreground) if peel == "nothing" else without_a_pixel
+    monkeypatch.setattr(studio, "peel_contact_shadows", lambda lab, foreground, *rest: peeled(foreground))
     monkeypatch.setattr(studio, "drop_soft_specks", lambda foreground, lab: foreground)
     segmentation = studio.segment(rgb)
     assert confidences
