@@ -244,13 +244,18 @@ def clear_faceted_stone(size: int = 512) -> tuple[npt.NDArray[np.uint8], npt.NDA
     return photograph(straight, alpha, seed=2, shadow=(10, 14, 9.0, 0.35))[0], alpha
 
 
+def enamel_disc(size: int, radius: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """A blue enamel disc in the middle of a `size` square: its colour and alpha (`radius` in supersampled px)."""
+    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
+    cv2.circle(big, (size * SUPERSAMPLE // 2, size * SUPERSAMPLE // 2), radius, 255, -1, cv2.LINE_AA)
+    alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
+    return np.full((size, size, 3), (40.0, 70.0, 170.0), np.float32), alpha
+
+
 def enamel_disc_with_long_shadow(
     size: int = 384,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
-    cv2.circle(big, (size * SUPERSAMPLE // 2, size * SUPERSAMPLE // 2), size * SUPERSAMPLE // 7, 255, -1, cv2.LINE_AA)
-    alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
-    blue = np.full((size, size, 3), (40.0, 70.0, 170.0), np.float32)
+    blue, alpha = enamel_disc(size, size * SUPERSAMPLE // 7)
     photo, darkening = photograph(blue, alpha, seed=3, shadow=(18, 22, 10.0, 0.45))
     return photo, alpha, darkening
 
@@ -326,10 +331,7 @@ def enamel_disc_on_fine_veins(
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """A blue disc on a sweep crossed by a dozen thin, sharp, wavy dark lines (fine marble veins, a lined card),
     each darkening the backdrop by `depth`."""
-    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
-    cv2.circle(big, (size * SUPERSAMPLE // 2, size * SUPERSAMPLE // 2), size * SUPERSAMPLE // 6, 255, -1, cv2.LINE_AA)
-    alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
-    blue = np.full((size, size, 3), (40.0, 70.0, 170.0), np.float32)
+    blue, alpha = enamel_disc(size, size * SUPERSAMPLE // 6)
     photo, _ = photograph(blue, alpha, seed=seed, shadow=(0, 0, 1.0, 0.0))
     veins = np.zeros((size, size), np.uint8)
     rng = np.random.default_rng(seed)
@@ -396,11 +398,7 @@ def test_the_confidence_is_the_cuts_own_when_no_shadow_is_peeled(monkeypatch: py
 def test_a_close_up_filling_most_of_the_frame_is_not_flagged() -> None:
     # A round pendant shot close, 90 % of the frame across (64 % of its area): a clean cut-out, not the backdrop
     # taken for the piece, so not one to send to a human (the README suggests flagging under 0.5).
-    size = 384
-    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
-    cv2.circle(big, (size * SUPERSAMPLE // 2,) * 2, round(0.45 * size * SUPERSAMPLE), 255, -1, cv2.LINE_AA)
-    alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
-    blue = np.full((size, size, 3), (40.0, 70.0, 170.0), np.float32)
+    blue, alpha = enamel_disc(384, round(0.45 * 384 * SUPERSAMPLE))
     rgb, _ = photograph(blue, alpha, seed=4, shadow=(4, 5, 3.0, 0.3))
     cutout = cut_out(rgb)
     assert iou_of(cutout, alpha) > 0.98
