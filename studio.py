@@ -147,6 +147,7 @@ PEEL_SHADOW_SHARE = 0.8  # a part of the labels beyond an outline edge is a cont
 PEEL_TINT = 4.0  # ...(Lab units: chroma departure from the darkened backdrop, beyond the backdrop's own variation...
 PEEL_BOUNCE = 0.5  # ...or up to this share of the piece's beside it, whose light it bounces)...
 PEEL_SOFTNESS = 0.6  # ...its rim is less than this share as steep as the edge it hangs from...
+PEEL_HALO_SOFTNESS = 0.15  # ...(this share for a halo, a part mostly of the lit backdrop's tone: it has no far edge)...
 PEEL_HUG = 3.0  # ...it reaches no further from that edge than this many times its mean thickness along it...
 PEEL_ALONG = 2.0  # ...and the edge is this many times longer than that reach
 LOOSE_SHARE = 0.02  # loose parts smaller than this share of the piece are dropped if their rim is soft...
@@ -584,10 +585,16 @@ def peel_contact_shadows(
 
     - it is smaller than a part it borders across an edge, and lies along that edge (a bead hanging from a short
       stretch of it, or a wire running away from it, is not a contact shadow);
-    - nearly all of it looks like a shadow: darker than the lit backdrop (however deep: right where the piece
+    - nearly all of it looks like a shadow: no brighter than the lit backdrop (however deep: right where the piece
       touches, no light gets in) and of the backdrop's chroma give or take PEEL_TINT, the backdrop's own variation
       and light bounced off the piece;
-    - its rim against the backdrop is less than PEEL_SOFTNESS as steep as the edge it hangs from."""
+    - its rim against the backdrop is less than PEEL_SOFTNESS as steep as the edge it hangs from.
+
+    A halo is dropped the same way: where a photo is not reduced for the segmentation, JPEG's ringing round a small
+    saturated stone tints the backdrop beside it by more than the clean border's bar, in blobs up to a chroma block
+    (16 px) wide. Such a part has the lit backdrop's tone rather than a shadow's, and no far edge at all: its rim must
+    be less than PEEL_HALO_SOFTNESS as steep as the edge (a shadow's far side is 0.3-0.6 of it, and a strip of grey
+    metal beyond an inner edge is no less)."""
     if not foreground.any():
         return foreground
     parts = foreground & ~outline
@@ -610,8 +617,10 @@ def peel_contact_shadows(
     light = (lab[..., 0] + 16.0) / np.maximum(field[..., 0] + 16.0, 1e-3)
     tint = length(lab[..., 1:] - field[..., 1:] * light[..., None])
     # however deep: right at the contact no light gets in
-    shadow = shaded(lab, foreground, field) if darker is None else darker
+    darker = shaded(lab, foreground, field) if darker is None else darker
+    shadow = darker | (light < np.exp(LEVEL_FLOOR))  # no brighter than the lit backdrop
     shadow_share = np.bincount(labels[parts], weights=shadow[parts], minlength=count) / np.maximum(area, 1)
+    halo = np.bincount(labels[parts], weights=darker[parts], minlength=count) <= PEEL_SHADOW_SHARE * area
     own_tint = float(np.quantile(tint[background], BACKDROP_QUANTILE)) if background.any() else 0.0
     candidates = np.flatnonzero((shadow_share > PEEL_SHADOW_SHARE) & (largest_neighbour > area))
     candidates = candidates[candidates > 0]
@@ -644,7 +653,8 @@ def peel_contact_shadows(
         along = np.count_nonzero(edge)
         if reach > PEEL_HUG * area[index] / along or PEEL_ALONG * reach > along:
             continue
-        if np.median(steepness[box][rim]) < PEEL_SOFTNESS * np.median(steepness[box][edge]):
+        softness = PEEL_HALO_SOFTNESS if halo[index] else PEEL_SOFTNESS
+        if np.median(steepness[box][rim]) < softness * np.median(steepness[box][edge]):
             soft.append(index)
     if not soft:
         return foreground
