@@ -590,11 +590,11 @@ def peel_contact_shadows(
       and light bounced off the piece;
     - its rim against the backdrop is less than PEEL_SOFTNESS as steep as the edge it hangs from.
 
-    A halo is dropped the same way: where a photo is not reduced for the segmentation, JPEG's ringing round a small
-    saturated stone tints the backdrop beside it by more than the clean border's bar, in blobs up to a chroma block
-    (16 px) wide. Such a part has the lit backdrop's tone rather than a shadow's, and no far edge at all: its rim must
-    be less than PEEL_HALO_SOFTNESS as steep as the edge (a shadow's far side is 0.3-0.6 of it, and a strip of grey
-    metal beyond an inner edge is no less)."""
+    A halo is dropped too: where a photo is not reduced for the segmentation, JPEG's ringing round a small saturated
+    stone tints the backdrop beside it by more than the clean border's bar, in blobs up to a chroma block (16 px)
+    wide. Such a part has the lit backdrop's tone rather than a shadow's, and no far edge at all: its rim must be less
+    than PEEL_HALO_SOFTNESS as steep as the edge (a shadow's far side is 0.3-0.6 of it, and a strip of grey metal
+    beyond an inner edge is no less), and its shape is not asked about."""
     if not foreground.any():
         return foreground
     parts = foreground & ~outline
@@ -648,10 +648,11 @@ def peel_contact_shadows(
         if np.mean(shadow[box][part] & (tint[box][part] < limit)) <= PEEL_SHADOW_SHARE:
             continue
         # A contact shadow lies along the edge it hangs from, about as thick all along; a dark wire with its own
-        # shadow runs away from it, and a bead hangs from a short stretch of it.
+        # shadow runs away from it, and a bead hangs from a short stretch of it. A halo has no shape of its own (it
+        # comes in JPEG's blocks): its want of any far edge tells it from the piece.
         reach = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)[part].max()
         along = np.count_nonzero(edge)
-        if reach > PEEL_HUG * area[index] / along or PEEL_ALONG * reach > along:
+        if not halo[index] and (reach > PEEL_HUG * area[index] / along or PEEL_ALONG * reach > along):
             continue
         softness = PEEL_HALO_SOFTNESS if halo[index] else PEEL_SOFTNESS
         if np.median(steepness[box][rim]) < softness * np.median(steepness[box][edge]):

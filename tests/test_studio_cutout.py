@@ -335,6 +335,22 @@ def test_a_small_saturated_stone_keeps_no_jpeg_halo() -> None:
     assert iou_of(cut_out(rgb), alpha) >= 0.95
 
 
+@pytest.mark.parametrize("colour", [(30.0, 50.0, 160.0), (120.0, 50.0, 150.0)])
+def test_a_small_faceted_stones_jpeg_halo_comes_off_in_blobs_of_any_shape(colour: tuple[float, float, float]) -> None:
+    # The halo round a faceted stone comes in blobs as JPEG's blocks make them, some reaching further from the stone
+    # than they run along it: asked to lie along the stone's edge like a contact shadow, they were kept (IoU 0.79 for
+    # the sapphire, 0.77 for the amethyst).
+    size = 512
+    big = np.zeros((size * SUPERSAMPLE, size * SUPERSAMPLE), np.uint8)
+    cv2.circle(big, (size * SUPERSAMPLE * 47 // 100, size * SUPERSAMPLE * 52 // 100), size * SUPERSAMPLE // 25, 255, -1)
+    alpha = cv2.resize(big.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    facets = 0.8 + 0.4 * np.sin(x * 0.9 + y * 0.5) * np.cos(y * 0.7)
+    stone = np.clip(np.array(colour, np.float32) * facets[..., None], 0, 255)
+    rgb = photograph(stone, alpha, seed=48, shadow=(8, 10, 6.0, 0.35))[0]
+    assert iou_of(cut_out(rgb), alpha) >= 0.95
+
+
 def enamel_disc_on_fine_veins(
     depth: float = 0.3, size: int = 384, seed: int = 5
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
