@@ -5,6 +5,8 @@ does it say it is, and how long does a 2048 px photo take?
     python bench/studio_quality.py --synthetic      also a held-out set generated here (deterministic seeds)
     python bench/studio_quality.py --framing        also the samples cropped and widened (the piece at other sizes);
                                                     with --synthetic the held-out set too
+    python bench/studio_quality.py --small          also the photos reduced to 512 px (with --synthetic the held-out
+                                                    set too)
     python bench/studio_quality.py --samples DIR    another folder of NAME_photo.jpg / NAME_alpha.png pairs
     python bench/studio_quality.py --synthetic --save-synthetic DIR   write the held-out set out as such pairs
 
@@ -532,6 +534,25 @@ def reframe(case: Case, ratio: float) -> Case:
     return Case(case.name, np.asarray(rgb, np.uint8), np.asarray(alpha, np.float32))
 
 
+SMALL_SIDE_PX = 512
+
+
+def reduced(case: Case, side: int = SMALL_SIDE_PX) -> Case:
+    """The photo as a small upload: reduced to `side` px (longer side) and saved again as a JPEG. The segmentation
+    works at no more than 512 px, so a photo this small is segmented at its own size, JPEG's block artefacts (its
+    chroma ringing round a saturated edge) at full strength; a larger one is reduced first, which averages them out."""
+    h, w = case.alpha.shape
+    scale = side / max(h, w)
+    if scale >= 1:
+        return case
+    size = (round(w * scale), round(h * scale))
+    small = cv2.resize(case.rgb, size, interpolation=cv2.INTER_AREA)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    assert ok
+    rgb = cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return Case(case.name, rgb, np.asarray(cv2.resize(case.alpha, size, interpolation=cv2.INTER_AREA), np.float32))
+
+
 def framing_report(cases: list[Case]) -> None:
     """IoU of each photo at each of FRAMINGS, then the means per framing."""
     print(f"\nframing: IoU with the photo cropped or widened ({', '.join(f'{r:g}x' for r in FRAMINGS)})")
@@ -560,6 +581,9 @@ def main() -> None:
     parser.add_argument(
         "--framing", action="store_true", help="also the samples (and the held-out set) cropped and widened (FRAMINGS)"
     )
+    parser.add_argument(
+        "--small", action="store_true", help=f"also the photos reduced to {SMALL_SIDE_PX} px and saved again as JPEG"
+    )
     args = parser.parse_args()
 
     samples = load_pairs(args.samples)
@@ -570,6 +594,8 @@ def main() -> None:
     report(f"samples ({args.samples})", samples)
     if args.framing:
         framing_report(samples)
+    if args.small:
+        report(f"samples reduced to {SMALL_SIDE_PX} px", [reduced(case) for case in samples])
     if args.synthetic or args.save_synthetic:
         synthetic = list(synthetic_cases(load_pairs(SAMPLES)))
         if args.save_synthetic:
@@ -586,6 +612,8 @@ def main() -> None:
         report("held-out synthetic set", synthetic)
         if args.framing:
             framing_report(synthetic)
+        if args.small:
+            report(f"held-out synthetic set reduced to {SMALL_SIDE_PX} px", [reduced(case) for case in synthetic])
 
 
 if __name__ == "__main__":
