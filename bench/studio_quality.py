@@ -7,6 +7,8 @@ does it say it is, and how long does a 2048 px photo take?
                                                     with --synthetic the held-out set too
     python bench/studio_quality.py --small          also the photos reduced to 512 px (with --synthetic the held-out
                                                     set too)
+    python bench/studio_quality.py --stones         also small set coloured stones alone on plain backdrops, in 512 px
+                                                    and 896 px photos
     python bench/studio_quality.py --samples DIR    another folder of NAME_photo.jpg / NAME_alpha.png pairs
     python bench/studio_quality.py --synthetic --save-synthetic DIR   write the held-out set out as such pairs
 
@@ -511,6 +513,24 @@ def synthetic_cases(samples: list[Case]) -> Iterator[Case]:
         yield Case(name, composite(rng, bg, layer), alpha)
 
 
+STONE_RADII = (0.02, 0.03, 0.04, 0.06)  # shares of the photo's side
+STONE_BACKDROPS = ("white_sweep", "paper", "grey_card", "colour_card")
+
+
+def stone_cases(side: int) -> Iterator[Case]:
+    """A coloured stone in its bezel, alone and small in a `side` px photo: the piece that shows JPEG's chroma
+    ringing most (a saturated edge on a clean backdrop), at sizes from a melee stone to a solitaire."""
+    for index, (kind, share) in enumerate((kind, share) for kind in STONE_BACKDROPS for share in STONE_RADII):
+        rng = np.random.default_rng(2000 + index)
+        shape = (side, side)
+        layer = gem_piece(rng, shape, clear=False, radius=share * side * SUPERSAMPLE)
+        yield Case(
+            f"stone{index:02d}_{kind}_{side}px_r{share:g}",
+            composite(rng, backdrop(kind, rng, shape), layer),
+            np.clip(layer.alpha, 0, 1),
+        )
+
+
 FRAMINGS = (0.8, 0.9, 1.0, 1.1, 1.25)
 
 
@@ -582,6 +602,9 @@ def main() -> None:
         "--framing", action="store_true", help="also the samples (and the held-out set) cropped and widened (FRAMINGS)"
     )
     parser.add_argument(
+        "--stones", action="store_true", help="also small set coloured stones alone on plain backdrops (512, 896 px)"
+    )
+    parser.add_argument(
         "--small", action="store_true", help=f"also the photos reduced to {SMALL_SIDE_PX} px and saved again as JPEG"
     )
     args = parser.parse_args()
@@ -614,6 +637,9 @@ def main() -> None:
             framing_report(synthetic)
         if args.small:
             report(f"held-out synthetic set reduced to {SMALL_SIDE_PX} px", [reduced(case) for case in synthetic])
+    if args.stones:
+        for side in (512, 896):
+            report(f"small set stones, {side} px photos", list(stone_cases(side)))
 
 
 if __name__ == "__main__":
