@@ -459,14 +459,18 @@ def shade_backdrop(rng: np.random.Generator, bg: FloatImage, alpha: FloatImage) 
     return bg * (1 - shadow)[..., None]
 
 
+def saved_as_jpeg(rgb: ByteImage, quality: int = 92) -> ByteImage:
+    """The photo as it comes back from being saved as a JPEG."""
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
 def composite(rng: np.random.Generator, bg: FloatImage, piece: Layer) -> ByteImage:
     shaded = shade_backdrop(rng, bg, piece.alpha)
     photo = piece.colour + (1 - piece.alpha[..., None]) * shaded
     photo = photo + rng.normal(0, 1.5, photo.shape).astype(np.float32)
-    rgb = np.clip(photo, 0, 255).round().astype(np.uint8)
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-    assert ok
-    return cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return saved_as_jpeg(np.clip(photo, 0, 255).round().astype(np.uint8))
 
 
 # (backdrop, pieces, shape): each piece "sample:N", "chain", "loop", "gem", "stone", "band".
@@ -566,10 +570,7 @@ def reduced(case: Case, side: int = SMALL_SIDE_PX) -> Case:
     if scale >= 1:
         return case
     size = (round(w * scale), round(h * scale))
-    small = cv2.resize(case.rgb, size, interpolation=cv2.INTER_AREA)
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-    assert ok
-    rgb = cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    rgb = saved_as_jpeg(np.asarray(cv2.resize(case.rgb, size, interpolation=cv2.INTER_AREA), np.uint8))
     return Case(case.name, rgb, np.asarray(cv2.resize(case.alpha, size, interpolation=cv2.INTER_AREA), np.float32))
 
 
