@@ -7,6 +7,8 @@ does it say it is, and how long does a 2048 px photo take?
                                                     with --synthetic the held-out set too
     python bench/studio_quality.py --small          also the photos reduced to 512 px (with --synthetic the held-out
                                                     set too)
+    python bench/studio_quality.py --large          also the photos enlarged to 2048 px, the size the service cuts large
+                                                    uploads at (with --synthetic the held-out set too)
     python bench/studio_quality.py --stones         also small set coloured stones alone on plain backdrops, in 512 px
                                                     and 896 px photos
     python bench/studio_quality.py --samples DIR    another folder of NAME_photo.jpg / NAME_alpha.png pairs
@@ -46,6 +48,7 @@ SAMPLES = REPO.parent / "shared" / "samples"
 TIMING_SIDE_PX = 2048
 TIMING_RUNS = 5
 WORST_TARGET = 0.85  # no image below this IoU
+FLAG_BELOW = 0.5  # the confidence under which the README says to have a human look at a cut-out
 PLAIN_BACKDROPS = ("white_sweep", "grey_card", "paper", "colour_card")
 
 FloatImage = npt.NDArray[np.float32]
@@ -574,14 +577,28 @@ def reduced(case: Case, side: int = SMALL_SIDE_PX) -> Case:
     return Case(case.name, rgb, np.asarray(cv2.resize(case.alpha, size, interpolation=cv2.INTER_AREA), np.float32))
 
 
+def enlarged(case: Case, side: int = TIMING_SIDE_PX) -> Case:
+    """The photo enlarged to `side` px (longer side), as the service cuts a large upload: segmented at a quarter of
+    its side (an 896 px photo at more than half), the matte's colours at half. Enlarging only spreads the photo's
+    edges (a sharper large photo has none of that blur), so this tests the method at that scale, not a camera."""
+    h, w = case.alpha.shape
+    scale = side / max(h, w)
+    size = (round(w * scale), round(h * scale))
+    rgb = np.asarray(cv2.resize(case.rgb, size, interpolation=cv2.INTER_CUBIC), np.uint8)
+    alpha = np.clip(cv2.resize(case.alpha, size, interpolation=cv2.INTER_LINEAR), 0, 1)
+    return Case(case.name, rgb, np.asarray(alpha, np.float32))
+
+
 def framing_report(cases: list[Case]) -> None:
     """IoU of each photo at each of FRAMINGS, then the means per framing."""
     print(f"\nframing: IoU with the photo cropped or widened ({', '.join(f'{r:g}x' for r in FRAMINGS)})")
     print(f"  {'image':<48} " + " ".join(f"{r:>6g}x" for r in FRAMINGS))
-    table = []
+    table, confidences = [], []
     for case in cases:
-        row = [score(reframe(case, ratio)).iou for ratio in FRAMINGS]
+        scores = [score(reframe(case, ratio)) for ratio in FRAMINGS]
+        row = [s.iou for s in scores]
         table.append(row)
+        confidences.append([s.confidence for s in scores])
         print(f"  {case.name:<48} " + " ".join(f"{iou:7.3f}" for iou in row))
     for label, plain in (("plain", True), ("textured", False)):
         rows = [row for case, row in zip(cases, table, strict=True) if case.plain == plain]
@@ -589,8 +606,14 @@ def framing_report(cases: list[Case]) -> None:
             means = np.mean(rows, axis=0)
             print(f"  {'mean ' + label:<48} " + " ".join(f"{m:7.3f}" for m in means))
     print(f"  {'worst':<48} " + " ".join(f"{m:7.3f}" for m in np.min(table, axis=0)))
-    below = np.sum(np.array(table) < WORST_TARGET, axis=0)
-    print(f"  {f'below {WORST_TARGET:g}':<48} " + " ".join(f"{int(n):7d}" for n in below))
+    below = np.array(table) < WORST_TARGET
+    print(f"  {f'below {WORST_TARGET:g}':<48} " + " ".join(f"{int(n):7d}" for n in below.sum(0)))
+    flagged = np.array(confidences) < FLAG_BELOW
+    for label, counts in (
+        (f"...of them flagged (confidence < {FLAG_BELOW:g})", (flagged & below).sum(0)),
+        ("flagged though not below", (flagged & ~below).sum(0)),
+    ):
+        print(f"  {label:<48} " + " ".join(f"{int(n):7d}" for n in counts))
 
 
 def main() -> None:
@@ -608,6 +631,9 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help=f"also the photos reduced to {SMALL_SIDE_PX} px and saved again as JPEG"
     )
+    parser.add_argument(
+        "--large", action="store_true", help=f"also the photos enlarged to {TIMING_SIDE_PX} px (the service's cut size)"
+    )
     args = parser.parse_args()
 
     samples = load_pairs(args.samples)
@@ -620,6 +646,8 @@ def main() -> None:
         framing_report(samples)
     if args.small:
         report(f"samples reduced to {SMALL_SIDE_PX} px", [reduced(case) for case in samples])
+    if args.large:
+        report(f"samples enlarged to {TIMING_SIDE_PX} px", [enlarged(case) for case in samples])
     if args.synthetic or args.save_synthetic:
         synthetic = list(synthetic_cases(load_pairs(SAMPLES)))
         if args.save_synthetic:
@@ -638,6 +666,8 @@ def main() -> None:
             framing_report(synthetic)
         if args.small:
             report(f"held-out synthetic set reduced to {SMALL_SIDE_PX} px", [reduced(case) for case in synthetic])
+        if args.large:
+            report(f"held-out synthetic set enlarged to {TIMING_SIDE_PX} px", [enlarged(case) for case in synthetic])
     if args.stones:
         for side in (512, 896):
             report(f"small set stones, {side} px photos", list(stone_cases(side)))

@@ -430,6 +430,50 @@ def test_a_close_up_filling_most_of_the_frame_is_not_flagged() -> None:
     assert cutout.confidence > 0.5
 
 
+def test_rim_precision_is_one_pixels_error_over_the_half_width() -> None:
+    # A bar 20 px wide and 200 long: half-width 10 less its ends' share; measured in pixels twice the size, 5.
+    bar = np.zeros((64, 256), bool)
+    bar[22:42, 28:228] = True
+    half_width = bar.sum() / (2 * (200 + 20))  # area over the rim's length
+    assert studio.rim_precision(bar) == pytest.approx(1 - studio.RIM_ERROR_PX / half_width, abs=0.01)
+    assert studio.rim_precision(bar, pixel=0.5) == pytest.approx(1 - studio.RIM_ERROR_PX / (half_width / 2), abs=0.02)
+    assert studio.rim_precision(np.zeros((8, 8), bool)) == 0.0
+
+
+def segmentation_of_a_cut(
+    monkeypatch: pytest.MonkeyPatch, rgb: npt.NDArray[np.uint8]
+) -> tuple[Cutout, studio.Segmentation]:
+    """The cut-out of `rgb` and the segmentation it was matted from."""
+    seen: list[studio.Segmentation] = []
+    segment = studio.segment
+
+    def recording_segment(small: npt.NDArray[np.uint8]) -> studio.Segmentation:
+        seen.append(segment(small))
+        return seen[-1]
+
+    monkeypatch.setattr(studio, "segment", recording_segment)
+    cutout = cut_out(rgb)
+    assert len(seen) == 1
+    return cutout, seen[0]
+
+
+def test_a_fine_chain_in_a_large_photo_says_it_is_thinner_than_its_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Segmented at half its size, the chain's labels fill its link holes and round its wire up to whole pixels: the
+    # confidence's rim term, taken again on the matte's outline, is lower, and a cut-out this fine gets flagged.
+    rgb, _ = gold_chain_loop(size=1024)
+    cutout, segmentation = segmentation_of_a_cut(monkeypatch, rgb)
+    assert segmentation.foreground.shape == (512, 512)
+    assert cutout.confidence < 0.8 * segmentation.confidence
+    assert cutout.confidence < 0.5
+
+
+def test_a_wide_piece_keeps_its_segmentations_confidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    rgb, _, _ = gold_disc_on_green(1024)
+    cutout, segmentation = segmentation_of_a_cut(monkeypatch, rgb)
+    assert segmentation.confidence > 0.5
+    assert cutout.confidence == pytest.approx(segmentation.confidence, abs=0.02)
+
+
 def ellipse_mask(shape: tuple[int, int], axes: tuple[int, int], start: float = 0, end: float = 360) -> npt.NDArray:
     mask = np.zeros(shape, np.uint8)
     cv2.ellipse(mask, (shape[1] // 2, shape[0] // 2), axes, 0, start, end, 1, -1)
