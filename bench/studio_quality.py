@@ -564,29 +564,32 @@ def reframe(case: Case, ratio: float) -> Case:
 SMALL_SIDE_PX = 512
 
 
+def resized(case: Case, side: int) -> Case:
+    """The photo and its matte with the longer side at `side` px: averaged down, or enlarged bicubically."""
+    h, w = case.alpha.shape
+    scale = side / max(h, w)
+    size = (round(w * scale), round(h * scale))
+    down = scale < 1
+    rgb = cv2.resize(case.rgb, size, interpolation=cv2.INTER_AREA if down else cv2.INTER_CUBIC)
+    alpha = np.clip(cv2.resize(case.alpha, size, interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR), 0, 1)
+    return Case(case.name, np.asarray(rgb, np.uint8), np.asarray(alpha, np.float32))
+
+
 def reduced(case: Case, side: int = SMALL_SIDE_PX) -> Case:
     """The photo as a small upload: reduced to `side` px (longer side) and saved again as a JPEG. The segmentation
     works at no more than 512 px, so a photo this small is segmented at its own size, JPEG's block artefacts (its
     chroma ringing round a saturated edge) at full strength; a larger one is reduced first, which averages them out."""
-    h, w = case.alpha.shape
-    scale = side / max(h, w)
-    if scale >= 1:
+    if side >= max(case.alpha.shape):
         return case
-    size = (round(w * scale), round(h * scale))
-    rgb = saved_as_jpeg(np.asarray(cv2.resize(case.rgb, size, interpolation=cv2.INTER_AREA), np.uint8))
-    return Case(case.name, rgb, np.asarray(cv2.resize(case.alpha, size, interpolation=cv2.INTER_AREA), np.float32))
+    small = resized(case, side)
+    return Case(case.name, saved_as_jpeg(small.rgb), small.alpha)
 
 
 def enlarged(case: Case, side: int = TIMING_SIDE_PX) -> Case:
     """The photo enlarged to `side` px (longer side), as the service cuts a large upload: segmented at a quarter of
     its side (an 896 px photo at more than half), the matte's colours at half. Enlarging only spreads the photo's
     edges (a sharper large photo has none of that blur), so this tests the method at that scale, not a camera."""
-    h, w = case.alpha.shape
-    scale = side / max(h, w)
-    size = (round(w * scale), round(h * scale))
-    rgb = np.asarray(cv2.resize(case.rgb, size, interpolation=cv2.INTER_CUBIC), np.uint8)
-    alpha = np.clip(cv2.resize(case.alpha, size, interpolation=cv2.INTER_LINEAR), 0, 1)
-    return Case(case.name, rgb, np.asarray(alpha, np.float32))
+    return resized(case, side)
 
 
 def framing_report(cases: list[Case]) -> None:
